@@ -1,0 +1,3 @@
+from userbound.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The `userbound` command: the daemon's entry point and the client commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from userbound import __version__
+from userbound.control import call, socket_path
+from userbound.errors import (
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_PERMITTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    InvalidRequest,
+    UserboundError,
+)
+from userbound.tunnels import NAME_PATTERN
+
+EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}  success
+  {EXIT_FAILED}  operation failed (also: name or AllowedIPs conflict)
+  {EXIT_USAGE}  invalid usage or input (configuration file, option or request)
+  {EXIT_NOT_PERMITTED}  not permitted
+  {EXIT_UNREACHABLE}  daemon unreachable
+  {EXIT_NOT_FOUND}  not found (tunnel or user)
+
+environment:
+  USERBOUND_SOCKET  control socket path, when --control-socket is not given
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with the documented code."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="control socket of the daemon (default: $USERBOUND_SOCKET or /run/userbound/control.sock)",
+    )
+    parser = Parser(
+        prog="userbound",
+        description="Keep a VPN tunnel bound to the user who opened it.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"userbound {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    daemon = commands.add_parser(
+        "daemon", parents=[common], help="run the root daemon in the foreground", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    daemon.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=os.environ.get("USERBOUND_STATE_DIR", "/run/userbound"),
+        help="root-only folder for the tunnel state (default: $USERBOUND_STATE_DIR or /run/userbound)",
+    )
+    daemon.add_argument(
+        "--data-plane",
+        choices=("auto", "kernel", "wireguard-go"),
+        default="auto",
+        help="WireGuard implementation: the kernel module if loaded, else wireguard-go (default: auto)",
+    )
+    daemon.add_argument("--debug", action="store_true", help="log debug messages")
+
+    up = commands.add_parser(
+        "up", parents=[common], help="bring up a tunnel from a wg-quick file", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("config", metavar="CONF", help="WireGuard configuration file in wg-quick format")
+    up.add_argument("--name", help="tunnel and interface name (default: the file name without .conf)")
+    up.add_argument("--owner", metavar="USER", help="owner, as user name or uid (root only; default: you)")
+    up.add_argument(
+        "--allow",
+        metavar="USER",
+        action="append",
+        default=[],
+        help="also let this user into the tunnel (root only; repeatable)",
+    )
+    up.add_argument(
+        "--no-kill-switch",
+        action="store_true",
+        help="let the owner's traffic leave outside the tunnel while it is not up",
+    )
+
+    down = commands.add_parser("down", parents=[common], help="bring a tunnel down and remove it")
+    down.add_argument("name", metavar="NAME")
+
+    status = commands.add_parser("status", parents=[common], help="show tunnels")
+    status.add_argument("name", metavar="NAME", nargs="?")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    allow = commands.add_parser("allow", parents=[common], help="change which users enter a tunnel (root only)")
+    allow.add_argument("name", metavar="NAME")
+    allow.add_argument("users", metavar="USER", nargs="+", help="user name or uid")
+    allow.add_argument("--remove", action="store_true", help="remove these users instead of adding them")
+
+    lab = commands.add_parser(
+        "lab", help="show who reaches what through a tunnel, in namespaces of its own (root)"
+    )
+    lab.add_argument("--json", action="store_true", help="print a JSON report")
+    lab.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        if arguments.command == "daemon":
+            return run_daemon(arguments)
+        if arguments.command == "lab":
+            from userbound.lab import run_lab
+
+            return run_lab(json_output=arguments.json, keep=arguments.keep)
+        path = socket_path(arguments.control_socket)
+        if arguments.command == "up":
+            return command_up(path, arguments)
+        if arguments.command == "down":
+            call(path, "down", {"name": arguments.name})
+            return EXIT_OK
+        if arguments.command == "status":
+            return command_status(path, arguments)
+        if arguments.command == "allow":
+            key = "remove" if arguments.remove else "add"
+            result = call(path, "allow", {"name": arguments.name, key: _users(arguments.users)})
+            print("allowed uids: " + " ".join(str(u) for u in result["allowed_uids"]))
+            return EXIT_OK
+    except UserboundError as error:
+        print(f"userbound: {error.message}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    raise AssertionError(arguments.command)
+
+
+def _users(values: list[str]) -> list[str | int]:
+    return [int(v) if v.isdigit() else v for v in values]
+
+
+def run_daemon(arguments: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("userbound: the daemon must run as root", file=sys.stderr)
+        return EXIT_NOT_PERMITTED
+    from userbound.daemon import run_daemon as run
+
+    under_journal = "JOURNAL_STREAM" in os.environ
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s"
+        if under_journal
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(run(socket_path(arguments.control_socket), arguments.state_dir, arguments.data_plane))
+    return EXIT_OK
+
+
+def command_up(path: str, arguments: argparse.Namespace) -> int:
+    config = Path(arguments.config)
+    # The file is read here, with the caller's own rights: the daemon never
+    # opens a user-supplied path as root.
+    try:
+        text = config.read_text()
+        mode = config.stat().st_mode
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidRequest(f"cannot read configuration file {config}: {error}") from None
+    name = arguments.name
+    if name is None:
+        name = config.name.removesuffix(".conf")
+        if not NAME_PATTERN.match(name):
+            raise InvalidRequest(
+                f"the file name {config.name!r} does not give a valid tunnel name; "
+                "choose one with --name (1 to 15 letters, digits or _=+.-)"
+            )
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        print(
+            f"userbound: warning: {config} is readable by other users and holds a private key; "
+            f"run: chmod 600 {config}",
+            file=sys.stderr,
+        )
+    params: dict[str, Any] = {"config": text, "name": name, "kill_switch": not arguments.no_kill_switch}
+    if arguments.owner is not None:
+        params["owner"] = int(arguments.owner) if arguments.owner.isdigit() else arguments.owner
+    if arguments.allow:
+        params["allow"] = _users(arguments.allow)
+    result = call(path, "up", params)
+    print(result["name"])
+    return EXIT_OK
+
+
+def command_status(path: str, arguments: argparse.Namespace) -> int:
+    params = {"name": arguments.name} if arguments.name else {}
+    result = call(path, "status", params)
+    if arguments.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    tunnels = result["tunnels"]
+    if not tunnels:
+        print("no tunnels")
+        return EXIT_OK
+    for tunnel in tunnels:
+        owner = tunnel["owner_name"] or str(tunnel["owner_uid"])
+        print(f"{tunnel['name']}: {tunnel['state']}, owner {owner}")
+        if "interface" not in tunnel:
+            continue
+        handshake = tunnel["last_handshake"]
+        ago = f"{time.time() - handshake:.0f} s ago" if handshake else "never"
+        print(f"  interface:      {tunnel['interface']} ({tunnel['data_plane']})")
+        print(f"  allowed uids:   {' '.join(str(u) for u in tunnel['allowed_uids'])}")
+        print(f"  kill switch:    {'on' if tunnel['kill_switch'] else 'off'}")
+        print(f"  endpoint:       {tunnel['endpoint'] or '-'}")
+        print(f"  last handshake: {ago}")
+        print(f"  transfer:       {tunnel['rx_bytes']} B received, {tunnel['tx_bytes']} B sent")
+    return EXIT_OK

@@ -1,0 +1,481 @@
+"""The root daemon: owns the tunnels, applies kernel enforcement, serves the control API.
+
+Every change to the tunnels ends in `sync()`, which replaces the nftables table
+in one transaction and then brings the routing rules and routes in line.  The
+firewall goes first, so a uid that loses access is blocked before its routes
+change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from userbound import __version__, wgconfig
+from userbound.accounts import resolve_user, user_name
+from userbound.control import Caller, ControlServer, Params
+from userbound.errors import (
+    Conflict,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    NotPermitted,
+    UserboundError,
+)
+from userbound.firewall import Firewall
+from userbound.routing import TABLE_FIRST, TABLE_LAST, LinkEvents, Routing
+from userbound.tunnels import State, StateFile, Tunnel, check_name
+from userbound.wireguard import (
+    DataPlane,
+    WireGuardGo,
+    interface_in_use,
+    new_data_plane,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/run/userbound"
+RESTART_DELAY_FIRST = 1.0
+RESTART_DELAY_MAX = 30.0
+FAILURES_BEFORE_FAILED = 3
+
+
+def notify_systemd(message: str) -> None:
+    """Send a state change to systemd when it started us with Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as error:
+            logger.warning("could not notify systemd at %s: %s", address, error)
+
+
+class Daemon:
+    """The tunnels of this network namespace and everything that enforces them."""
+
+    def __init__(self, control_socket: str, state_dir: str, data_plane_kind: str = "auto") -> None:
+        self.control_socket = control_socket
+        self.tunnels: dict[str, Tunnel] = {}
+        self._lock = asyncio.Lock()
+        self._data_plane_kind = data_plane_kind
+        self._firewall = Firewall()
+        self._routing = Routing()
+        self._state_file = StateFile(Path(state_dir))
+        self._server = ControlServer(control_socket, self.handle)
+        self._stopping = asyncio.Event()
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._link_check: asyncio.Task[None] | None = None
+
+    # Lifecycle
+
+    async def run(self) -> None:
+        """Adopt what an earlier daemon left, serve requests until SIGTERM or SIGINT, then clean up."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stopping.set)
+        links = LinkEvents(self._on_link_event)
+        loop.add_reader(links.fileno(), links.readable)
+        try:
+            await self._routing.open()
+            await self.restore()
+            await self._server.start()
+            logger.info(
+                "userbound %s ready on %s with %d tunnel(s)",
+                __version__,
+                self.control_socket,
+                len(self.tunnels),
+            )
+            notify_systemd("READY=1")
+            await self._stopping.wait()
+            notify_systemd("STOPPING=1")
+            logger.info("stopping: removing every tunnel, rule and route")
+        finally:
+            loop.remove_reader(links.fileno())
+            links.close()
+            await self._server.close()
+            await self.shutdown()
+
+    async def restore(self) -> None:
+        """Adopt the tunnels a previous daemon left, or replace their data planes."""
+        async with self._lock:
+            for record in self._state_file.load():
+                try:
+                    tunnel = self._tunnel_from_record(record)
+                except (UserboundError, KeyError, TypeError, ValueError) as error:
+                    logger.error("dropping stored tunnel %r: %s", record.get("name"), error)
+                    continue
+                self.tunnels[tunnel.name] = tunnel
+                if tunnel.data_plane is not None and await self._adopt(tunnel):
+                    tunnel.state = State.UP
+                    logger.info("adopted tunnel %s of uid %d", tunnel.name, tunnel.owner)
+            # One transaction: adopted tunnels stay open, the rest wait behind
+            # the kill switch, and leftovers no tunnel claims are removed.
+            await self.sync()
+        for tunnel in self.tunnels.values():
+            self._supervise(tunnel, start_now=tunnel.state is not State.UP)
+
+    def _tunnel_from_record(self, record: dict[str, Any]) -> Tunnel:
+        config = wgconfig.parse(record["config"])
+        tunnel = Tunnel(
+            name=check_name(record["name"]),
+            owner=int(record["owner"]),
+            config_text=record["config"],
+            config=config,
+            table=int(record["table"]),
+            fwmark=int(record["fwmark"]),
+            allowed_uids={int(u) for u in record["allowed_uids"]},
+            kill_switch=bool(record["kill_switch"]),
+            created=float(record.get("created") or 0),
+        )
+        pid = record.get("pid")
+        if isinstance(pid, int) and _is_wireguard_go(pid, tunnel.interface):
+            tunnel.data_plane = WireGuardGo(tunnel.interface, pid=pid)
+        return tunnel
+
+    async def _adopt(self, tunnel: Tunnel) -> bool:
+        assert tunnel.data_plane is not None
+        try:
+            await self._verify(tunnel, tunnel.data_plane)
+            await self._routing.configure_link(
+                tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=True
+            )
+        except UserboundError as error:
+            logger.warning("cannot adopt tunnel %s, replacing its data plane: %s", tunnel.name, error)
+            await tunnel.data_plane.stop()
+            tunnel.data_plane = None
+            return False
+        return True
+
+    async def shutdown(self) -> None:
+        """Stop every data plane and remove every table, rule, route and interface."""
+        async with self._lock:
+            for tunnel in self.tunnels.values():
+                tunnel.removed = True
+            for task in self._supervisors.values():
+                task.cancel()
+            for tunnel in self.tunnels.values():
+                if tunnel.data_plane is not None:
+                    await tunnel.data_plane.stop()
+            self.tunnels.clear()
+            self._firewall.remove()
+            await self._routing.apply([])
+            self._routing.close()
+            self._state_file.remove()
+
+    # Kernel state
+
+    async def sync(self) -> None:
+        """Make the kernel's rules and routes match the tunnels, and store the tunnels."""
+        tunnels = list(self.tunnels.values())
+        self._firewall.apply([t.firewall_rules() for t in tunnels])
+        await self._routing.apply(
+            [t.routes(link_up=await self._routing.link_is_up(t.interface)) for t in tunnels]
+        )
+        self._state_file.save(tunnels)
+
+    def _on_link_event(self) -> None:
+        if self._link_check is None or self._link_check.done():
+            self._link_check = asyncio.get_running_loop().create_task(self._check_links())
+
+    async def _check_links(self) -> None:
+        """Follow interfaces set down or up by someone else, and restore routes when up."""
+        async with self._lock:
+            changed = False
+            for tunnel in self.tunnels.values():
+                link_up = await self._routing.link_is_up(tunnel.interface)
+                alive = tunnel.data_plane is not None and tunnel.data_plane.alive()
+                if tunnel.state is State.UP and not link_up:
+                    logger.warning("interface %s went down; kill switch engaged", tunnel.interface)
+                    tunnel.state = State.DOWN
+                    changed = True
+                elif tunnel.state is State.DOWN and link_up and alive:
+                    logger.info("interface %s is up again; restoring its routes", tunnel.interface)
+                    await self._routing.configure_link(
+                        tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=False
+                    )
+                    tunnel.state = State.UP
+                    changed = True
+                elif tunnel.state is State.UP:
+                    # Routes vanish when a link flaps faster than we see it.
+                    changed = True
+            if changed:
+                await self.sync()
+
+    # Data planes
+
+    async def _start_data_plane(self, tunnel: Tunnel) -> None:
+        data_plane = new_data_plane(tunnel.interface, kind=self._data_plane_kind)
+        tunnel.data_plane = data_plane
+        try:
+            await data_plane.start()
+            await data_plane.configure(tunnel.config, tunnel.fwmark)
+            await self._verify(tunnel, data_plane)
+            await self._routing.configure_link(
+                tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=True
+            )
+        except BaseException:
+            await data_plane.stop()
+            raise
+
+    async def _verify(self, tunnel: Tunnel, data_plane: DataPlane) -> None:
+        """Read the device configuration back and compare it with the tunnel's."""
+        status = await data_plane.read(tunnel.config.private_key)
+        expected = {p.public_key.base64() for p in tunnel.config.peers}
+        found = {p.public_key for p in status.peers}
+        if not status.private_key_matches or status.fwmark != tunnel.fwmark or found != expected:
+            raise InternalError(
+                f"the data plane of {tunnel.name} reads back a different configuration "
+                "than the one set"
+            )
+
+    def _supervise(self, tunnel: Tunnel, *, start_now: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._supervisor(tunnel, start_now))
+        self._supervisors[tunnel.name] = task
+
+    async def _supervisor(self, tunnel: Tunnel, start_now: bool) -> None:
+        """Restart the data plane whenever it exits, with growing delays."""
+        delay = RESTART_DELAY_FIRST
+        while not tunnel.removed:
+            if not start_now:
+                if tunnel.data_plane is not None:
+                    await tunnel.data_plane.wait()
+                async with self._lock:
+                    if tunnel.removed:
+                        return
+                    logger.warning(
+                        "data plane of tunnel %s exited; kill switch engaged, restarting in %.0f s",
+                        tunnel.name,
+                        delay,
+                    )
+                    tunnel.state = State.CONNECTING
+                    await self.sync()
+                await asyncio.sleep(delay)
+            start_now = False
+            async with self._lock:
+                if tunnel.removed:
+                    return
+                try:
+                    await self._start_data_plane(tunnel)
+                except UserboundError as error:
+                    tunnel.failures += 1
+                    if tunnel.failures >= FAILURES_BEFORE_FAILED:
+                        tunnel.state = State.FAILED
+                    logger.error(
+                        "restarting tunnel %s failed (%d in a row): %s",
+                        tunnel.name,
+                        tunnel.failures,
+                        error,
+                    )
+                    delay = min(delay * 2, RESTART_DELAY_MAX)
+                    await self.sync()
+                    continue
+                tunnel.failures = 0
+                tunnel.state = State.UP
+                delay = RESTART_DELAY_FIRST
+                await self.sync()
+                logger.info("tunnel %s is up again", tunnel.name)
+
+    # Control API
+
+    async def handle(self, command: str, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+        """Run one control request for a caller."""
+        handlers: dict[str, Callable[[Params, Caller], Awaitable[dict[str, Any]]]] = {
+            "up": self._up,
+            "down": self._down,
+            "status": self._status,
+            "allow": self._allow,
+            "version": self._version,
+        }
+        handler = handlers.get(command)
+        if handler is None:
+            raise InvalidRequest(
+                f"unknown command {command!r}; expected one of " + ", ".join(sorted(handlers))
+            )
+        return await handler(Params(params), caller)
+
+    async def _version(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known(set())
+        return {"version": __version__}
+
+    def _owned(self, name: str, caller: Caller, action: str) -> Tunnel:
+        tunnel = self.tunnels.get(name)
+        if tunnel is None:
+            raise NotFound(f"no tunnel named {name!r}; `userbound status` lists them")
+        if not caller.is_root and tunnel.owner != caller.uid:
+            raise NotPermitted(
+                f"tunnel {name!r} belongs to uid {tunnel.owner}; only its owner or root may {action} it"
+            )
+        return tunnel
+
+    async def _up(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known({"config", "name", "owner", "kill_switch", "allow"})
+        text = params.string("config", required=True) or ""
+        name = check_name(params.string("name", required=True) or "")
+        requested_owner = params.user("owner")
+        owner = caller.uid if requested_owner is None else resolve_user(requested_owner)
+        if owner != caller.uid and not caller.is_root:
+            raise NotPermitted("only root may bring up a tunnel for another user (field 'owner')")
+        extra = {resolve_user(u) for u in params.users("allow") or []} - {owner}
+        if extra and not caller.is_root:
+            raise NotPermitted("only root may let other users into a tunnel (field 'allow')")
+        kill_switch = params.boolean("kill_switch", default=True)
+        config = wgconfig.parse(text)
+
+        async with self._lock:
+            tunnel = Tunnel(
+                name=name,
+                owner=owner,
+                config_text=text,
+                config=config,
+                table=self._free_table(),
+                fwmark=0,
+                allowed_uids={owner, *extra},
+                kill_switch=kill_switch,
+            )
+            tunnel.fwmark = config.fwmark or tunnel.table
+            await self._check_conflicts(tunnel)
+            self.tunnels[name] = tunnel
+            try:
+                await self.sync()
+                await self._start_data_plane(tunnel)
+            except BaseException:
+                tunnel.removed = True
+                del self.tunnels[name]
+                await self.sync()
+                raise
+            tunnel.state = State.UP
+            await self.sync()
+        self._supervise(tunnel, start_now=False)
+        logger.info(
+            "tunnel %s up for uid %d (allowed uids %s, kill switch %s), requested by uid %d",
+            name,
+            owner,
+            sorted(tunnel.allowed_uids),
+            "on" if kill_switch else "off",
+            caller.uid,
+        )
+        return {"name": name, "interface": tunnel.interface, "owner_uid": owner}
+
+    def _free_table(self) -> int:
+        used = {t.table for t in self.tunnels.values()}
+        for table in range(TABLE_FIRST, TABLE_LAST + 1):
+            if table not in used:
+                return table
+        raise Conflict(f"all {TABLE_LAST - TABLE_FIRST + 1} routing tables of userbound are in use")
+
+    async def _check_conflicts(self, new: Tunnel) -> None:
+        if new.name in self.tunnels:
+            raise Conflict(f"a tunnel named {new.name!r} exists; choose another name with --name")
+        if await self._routing.link_index(new.interface) is not None or interface_in_use(new.interface):
+            raise Conflict(
+                f"an interface named {new.interface!r} exists (here or in another network "
+                "namespace); choose another name with --name"
+            )
+        self._check_overlaps(new)
+
+    def _check_overlaps(self, tunnel: Tunnel) -> None:
+        """Reject AllowedIPs that overlap those of another tunnel a shared uid enters.
+
+        Each uid has one routing table per destination: two tunnels claiming
+        the same destination for the same uid would each trip the other's kill switch.
+        """
+        for other in self.tunnels.values():
+            shared = tunnel.allowed_uids & other.allowed_uids
+            if other is tunnel or not shared:
+                continue
+            for mine in tunnel.networks():
+                for theirs in other.networks():
+                    if mine.version == theirs.version and mine.overlaps(theirs):
+                        raise Conflict(
+                            f"AllowedIPs {mine} of tunnel {tunnel.name!r} overlaps {theirs} of "
+                            f"tunnel {other.name!r}, which uid {min(shared)} also enters"
+                        )
+
+    async def _down(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known({"name"})
+        name = params.string("name", required=True) or ""
+        async with self._lock:
+            tunnel = self._owned(name, caller, "bring down")
+            tunnel.removed = True
+            task = self._supervisors.pop(name, None)
+            if task is not None:
+                task.cancel()
+            if tunnel.data_plane is not None:
+                await tunnel.data_plane.stop()
+            del self.tunnels[name]
+            await self.sync()
+        logger.info("tunnel %s of uid %d down, requested by uid %d", name, tunnel.owner, caller.uid)
+        return {"name": name}
+
+    async def _allow(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known({"name", "add", "remove"})
+        name = params.string("name", required=True) or ""
+        add = {resolve_user(u) for u in params.users("add") or []}
+        remove = {resolve_user(u) for u in params.users("remove") or []}
+        async with self._lock:
+            tunnel = self._owned(name, caller, "change the users of")
+            if not caller.is_root:
+                raise NotPermitted(f"only root may change which users enter tunnel {name!r}")
+            if tunnel.owner in remove:
+                raise InvalidRequest(
+                    f"field 'remove': uid {tunnel.owner} owns tunnel {name!r} and always enters it"
+                )
+            previous = set(tunnel.allowed_uids)
+            tunnel.allowed_uids = (previous | add) - remove
+            try:
+                self._check_overlaps(tunnel)
+                await self.sync()
+            except BaseException:
+                tunnel.allowed_uids = previous
+                await self.sync()
+                raise
+        logger.info("tunnel %s now admits uids %s", name, sorted(tunnel.allowed_uids))
+        return {"name": name, "allowed_uids": sorted(tunnel.allowed_uids)}
+
+    async def _status(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known({"name"})
+        name = params.string("name")
+        tunnels = [self.tunnels[name]] if name in self.tunnels else []
+        if name is not None and not tunnels:
+            raise NotFound(f"no tunnel named {name!r}; `userbound status` lists them")
+        described = []
+        for tunnel in tunnels or list(self.tunnels.values()):
+            if caller.is_root or tunnel.owner == caller.uid:
+                device = None
+                if tunnel.data_plane is not None and tunnel.data_plane.alive():
+                    with contextlib.suppress(UserboundError):
+                        device = await tunnel.data_plane.read(tunnel.config.private_key)
+                described.append(tunnel.details(device))
+            else:
+                described.append(tunnel.summary())
+        return {
+            "caller": {"uid": caller.uid, "name": user_name(caller.uid)},
+            "tunnels": described,
+        }
+
+
+def _is_wireguard_go(pid: int, interface: str) -> bool:
+    """Return whether pid is a wireguard-go process serving this interface."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(arguments) and arguments[0].endswith(b"wireguard-go") and interface.encode() in arguments
+
+
+async def run_daemon(control_socket: str, state_dir: str, data_plane_kind: str = "auto") -> None:
+    """Run the daemon until it is told to stop."""
+    daemon = Daemon(control_socket, state_dir, data_plane_kind)
+    await daemon.run()

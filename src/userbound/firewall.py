@@ -1,0 +1,303 @@
+"""The nftables table that keeps other users out of each tunnel.
+
+userbound owns one table, `inet userbound`.  Every change replaces the whole
+table in a single libnftables transaction, so the kernel always holds either
+the old rules or the new ones.  The rules live in the kernel: they hold while
+the daemon is restarting, hung or killed.
+
+For each tunnel the output hook:
+- accepts packets leaving through the tunnel interface only from sockets of
+  allowed uids and drops the rest, including packets with no socket owner and
+  sockets bound to the interface with SO_BINDTODEVICE;
+- with the kill switch on, rejects packets of allowed uids to the tunnel's
+  networks that would leave by any other interface;
+- while the tunnel is engaged (not up), rejects every packet of allowed uids to
+  the tunnel's networks, so applications get an error at once;
+- sends the allowed uids' DNS queries to the tunnel's DNS servers.
+The forward hook drops packets routed into or out of a tunnel interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from userbound.errors import InternalError
+from userbound.wgconfig import IPAddress, IPNetwork
+
+logger = logging.getLogger(__name__)
+
+TABLE = "userbound"
+FAMILY = "inet"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TunnelRules:
+    """What the firewall needs to know about one tunnel."""
+
+    interface: str
+    allowed_uids: frozenset[int]
+    networks: tuple[IPNetwork, ...]
+    fwmark: int
+    dns_mark: int = 0
+    ct_mark: int = 0
+    kill_switch: bool = True
+    engaged: bool = True
+    dns_servers: tuple[IPAddress, ...] = field(default=())
+
+    def chain(self, role: str) -> str:
+        return f"{self.interface}-{role}"
+
+
+class Firewall:
+    """One long-lived libnftables context that replaces the userbound table."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError as error:
+            raise InternalError(
+                "the Python module 'nftables' is missing: install Debian's python3-nftables "
+                "and run userbound with /usr/bin/python3 or a virtual environment created "
+                "from it with --system-site-packages"
+            ) from error
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(False)
+
+    def apply(self, tunnels: Sequence[TunnelRules]) -> None:
+        """Replace the table with the rules for these tunnels in one transaction."""
+        if not tunnels:
+            self.remove()
+            return
+        commands = build_ruleset(tunnels)
+        self._run({"nftables": commands})
+        self._verify(tunnels)
+
+    def remove(self) -> None:
+        """Delete the table if it exists."""
+        self._run(
+            {
+                "nftables": [
+                    {"add": {"table": {"family": FAMILY, "name": TABLE}}},
+                    {"delete": {"table": {"family": FAMILY, "name": TABLE}}},
+                ]
+            }
+        )
+
+    def exists(self) -> bool:
+        """Return whether the table is installed."""
+        rc, _, _ = self._nft.json_cmd({"nftables": [{"list": {"table": _table()}}]})
+        return bool(rc == 0)
+
+    def listing(self) -> list[Json]:
+        """Return the installed table as nftables JSON objects, or [] when absent."""
+        rc, output, _ = self._nft.json_cmd({"nftables": [{"list": {"table": _table()}}]})
+        if rc != 0:
+            return []
+        return list(output.get("nftables", []))
+
+    def _run(self, commands: Json) -> None:
+        rc, _, error = self._nft.json_cmd(commands)
+        if rc != 0:
+            logger.error("nftables transaction failed: %s", error.strip())
+            raise InternalError(f"nftables rejected the userbound table: {error.strip()}")
+
+    def _verify(self, tunnels: Sequence[TunnelRules]) -> None:
+        chains = {obj["chain"]["name"] for obj in self.listing() if "chain" in obj}
+        expected = {t.chain("via") for t in tunnels} | {"output", "forward"}
+        if not expected <= chains:
+            raise InternalError(
+                "nftables table read back without chains " + ", ".join(sorted(expected - chains))
+            )
+
+
+def _table() -> Json:
+    return {"family": FAMILY, "name": TABLE}
+
+
+def _rule(chain: str, *expr: Json) -> Json:
+    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}}}
+
+
+def _chain(name: str, **base: Any) -> Json:
+    return {"add": {"chain": {"family": FAMILY, "table": TABLE, "name": name, **base}}}
+
+
+def _match(left: Json, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _values(items: Sequence[Any]) -> Any:
+    return items[0] if len(items) == 1 else {"set": list(items)}
+
+
+def _uids(tunnel: TunnelRules) -> Json:
+    return _match(_meta("skuid"), _values(sorted(tunnel.allowed_uids)))
+
+
+def _dport_53() -> list[Json]:
+    return [
+        _match(_meta("l4proto"), {"set": ["udp", "tcp"]}),
+        _match({"payload": {"protocol": "th", "field": "dport"}}, 53),
+    ]
+
+
+def _prefix(network: IPNetwork) -> Json:
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+
+
+def _destination_matches(networks: Sequence[IPNetwork]) -> list[Json]:
+    """Return one match per address family that covers these networks."""
+    matches = []
+    for version, protocol in ((4, "ip"), (6, "ip6")):
+        family = [n for n in networks if n.version == version]
+        if not family:
+            continue
+        if any(n.prefixlen == 0 for n in family):
+            matches.append(_match(_meta("nfproto"), "ipv4" if version == 4 else "ipv6"))
+        else:
+            daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
+            matches.append(_match(daddr, {"set": [_prefix(n) for n in family]}))
+    return matches
+
+
+def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
+    """Build the commands that replace the userbound table with rules for these tunnels."""
+    commands: list[Json] = [
+        {"add": {"table": _table()}},
+        {"delete": {"table": _table()}},
+        {"add": {"table": _table()}},
+        _chain("output", type="filter", hook="output", prio=0, policy="accept"),
+        _chain("forward", type="filter", hook="forward", prio=0, policy="accept"),
+        _chain("mark-dns", type="route", hook="output", prio=-150, policy="accept"),
+        _chain("nat-output", type="nat", hook="output", prio=-100, policy="accept"),
+        _chain("nat-postrouting", type="nat", hook="postrouting", prio=100, policy="accept"),
+        _chain("reject"),
+        _rule("reject", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
+        _rule("reject", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+    ]
+    # The data plane's own packets carry its fwmark, and redirected DNS
+    # queries the tunnel's DNS mark, which routes them into the tunnel or to
+    # its unreachable routes.  The output hook still shows such a query's
+    # first interface as oifname, so it must not meet the kill switch rules.
+    # Setting a mark needs CAP_NET_ADMIN: no ordinary user can forge one.
+    marks = sorted({t.fwmark for t in tunnels} | {t.dns_mark for t in tunnels if t.dns_servers})
+    commands.append(_rule("output", _match(_meta("mark"), _values(marks)), {"return": None}))
+    for tunnel in tunnels:
+        commands.extend(_dns_rules(tunnel))
+    commands.append(_rule("output", _match(_meta("oifname"), "lo"), {"return": None}))
+    interfaces = sorted(t.interface for t in tunnels)
+    commands.append(_rule("forward", _match(_meta("oifname"), _values(interfaces)), {"drop": None}))
+    commands.append(_rule("forward", _match(_meta("iifname"), _values(interfaces)), {"drop": None}))
+
+    for tunnel in tunnels:
+        via, owner = tunnel.chain("via"), tunnel.chain("owner")
+        commands.append(_chain(via))
+        commands.append(
+            _rule("output", _match(_meta("oifname"), tunnel.interface), {"goto": {"target": via}})
+        )
+        # Accept allowed owners, then drop the rest: a "not allowed" match
+        # would let through packets that have no socket owner at all.
+        ct_mark = {"ct": {"key": "mark"}}
+        if tunnel.engaged:
+            commands.append(_rule(via, _uids(tunnel), {"goto": {"target": "reject"}}))
+        else:
+            commands.append(
+                _rule(
+                    via,
+                    _uids(tunnel),
+                    {"mangle": {"key": ct_mark, "value": tunnel.ct_mark}},
+                    {"accept": None},
+                )
+            )
+            # A packet that has a socket but was not accepted above belongs to
+            # another user.  One without a socket, such as a TCP ACK sent from
+            # TIME_WAIT, passes only on a connection an allowed uid opened.
+            commands.append(_rule(via, _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]}), {"counter": None}, {"drop": None}))
+            commands.append(_rule(via, _match(ct_mark, tunnel.ct_mark), {"accept": None}))
+        commands.append(_rule(via, {"counter": None}, {"drop": None}))
+        if tunnel.kill_switch:
+            commands.append(_chain(owner))
+            commands.append(_rule("output", _uids(tunnel), {"jump": {"target": owner}}))
+            for match in _destination_matches(tunnel.networks):
+                commands.append(_rule(owner, match, {"goto": {"target": "reject"}}))
+    return commands
+
+
+def _dns_rules(tunnel: TunnelRules) -> list[Json]:
+    """Send the allowed uids' DNS queries to the tunnel's resolvers, and no elsewhere."""
+    if not tunnel.dns_servers or not (tunnel.kill_switch or not tunnel.engaged):
+        return []
+    commands = []
+    for version, protocol in ((4, "ip"), (6, "ip6")):
+        server = next((s for s in tunnel.dns_servers if s.version == version), None)
+        family = _match(_meta("nfproto"), "ipv4" if version == 4 else "ipv6")
+        if server is None:
+            # No resolver of this family in the tunnel: its queries would leave outside.
+            commands.append(
+                _rule("output", _uids(tunnel), family, *_dport_53(), {"goto": {"target": "reject"}})
+            )
+            continue
+        loopback = ipaddress.ip_network("127.0.0.0/8" if version == 4 else "::1/128")
+        daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
+        if version == 6:
+            # IPv6 has no route_localnet, so a query from ::1 cannot leave through the tunnel.
+            commands.append(
+                _rule(
+                    "output",
+                    _uids(tunnel),
+                    _match(daddr, _prefix(loopback)),
+                    *_dport_53(),
+                    {"goto": {"target": "reject"}},
+                )
+            )
+        # The kernel reroutes a packet after NAT without its socket's uid, so
+        # the uid rule cannot steer a redirected query: a mark, set on every
+        # packet of the flow, selects the tunnel's table instead.
+        commands.append(
+            _rule(
+                "mark-dns",
+                _uids(tunnel),
+                family,
+                *_dport_53(),
+                {"mangle": {"key": _meta("mark"), "value": tunnel.dns_mark}},
+            )
+        )
+        commands.append(
+            _rule(
+                "nat-output",
+                _uids(tunnel),
+                family,
+                _match(daddr, str(server), "!="),
+                *_dport_53(),
+                {"dnat": {"family": protocol, "addr": str(server)}},
+            )
+        )
+    if any(s.version == 4 for s in tunnel.dns_servers):
+        # A redirected query keeps the source address of the route it was
+        # sent on (127.0.0.1 for a local stub resolver); the tunnel needs its own.
+        commands.append(
+            _rule(
+                "nat-postrouting",
+                _match(_meta("oifname"), tunnel.interface),
+                _match(_meta("mark"), tunnel.dns_mark),
+                {"masquerade": None},
+            )
+        )
+    return commands
+
+
+def describe(commands: list[Json]) -> str:
+    """Return the commands as indented JSON, for debugging output."""
+    return json.dumps({"nftables": commands}, indent=1)

@@ -1,0 +1,314 @@
+"""Policy routing by socket owner, and the tunnel interface's addresses.
+
+Each tunnel has a routing table of its own that holds its AllowedIPs.  Rules
+select that table for the allowed uids, only for locally generated packets
+(`iif lo`), so forwarded traffic is never captured.  A rule of higher priority
+sends packets carrying the data plane's fwmark to the main table, so the
+encrypted packets to the endpoint never loop into the tunnel, even when root
+is an allowed uid.
+
+With the kill switch on, the table also holds an `unreachable` route of the
+lowest preference for each network.  The kernel removes the routes through an
+interface when it goes down or away, and the unreachable routes then answer,
+so an allowed uid's packet fails at once instead of leaving by the main table.
+
+Everything userbound adds carries the routing protocol number RTPROT_USERBOUND,
+which is how a restarted daemon finds what an earlier one left.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from userbound.errors import InternalError
+from userbound.wgconfig import IPInterface, IPNetwork
+
+logger = logging.getLogger(__name__)
+
+RTPROT_USERBOUND = 85
+PRIORITY_FWMARK = 10000
+PRIORITY_UID = 10001
+TABLE_FIRST = 52000
+TABLE_LAST = 52999
+UNREACHABLE_METRIC = 0xFFFFFFFF
+IFA_F_NOPREFIXROUTE = 0x200
+RTMGRP_LINK = 1
+MAIN_TABLE = 254
+
+
+def dns_mark(table: int) -> int:
+    """Return the fwmark that steers a tunnel's redirected DNS queries into its table."""
+    return 0x00750000 | table
+
+
+class RuleKey(NamedTuple):
+    """One routing rule userbound installs; it selects by fwmark, by uid range or by source."""
+
+    family: int
+    priority: int
+    table: int
+    fwmark: int = 0
+    uid_start: int = 0
+    uid_end: int = 0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TunnelRoutes:
+    """What the routing layer needs to know about one tunnel."""
+
+    interface: str
+    table: int
+    fwmark: int
+    dns_mark: int
+    allowed_uids: frozenset[int]
+    addresses: tuple[IPInterface, ...]
+    networks: tuple[IPNetwork, ...]
+    blocked: tuple[IPNetwork, ...]
+    kill_switch: bool
+    via_interface: bool
+
+
+def uid_ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
+    """Collapse uids into the fewest inclusive ranges."""
+    ranges: list[tuple[int, int]] = []
+    for uid in sorted(set(uids)):
+        if ranges and ranges[-1][1] == uid - 1:
+            ranges[-1] = (ranges[-1][0], uid)
+        else:
+            ranges.append((uid, uid))
+    return ranges
+
+
+def _family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
+class Routing:
+    """Rules and routes of the current network namespace, over one netlink socket."""
+
+    def __init__(self) -> None:
+        self._ipr = AsyncIPRoute()
+
+    async def open(self) -> None:
+        await self._ipr.setup_endpoint()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    async def link_index(self, interface: str) -> int | None:
+        """Return the interface's index, or None if it does not exist."""
+        found = await self._ipr.link_lookup(ifname=interface)
+        return int(found[0]) if found else None
+
+    async def link_is_up(self, interface: str) -> bool:
+        """Return whether the interface exists and is administratively up."""
+        index = await self.link_index(interface)
+        if index is None:
+            return False
+        try:
+            links = [link async for link in await self._ipr.get_links(index)]
+        except NetlinkError:
+            return False
+        return bool(links and links[0]["flags"] & 1)
+
+    async def configure_link(
+        self, interface: str, addresses: Sequence[IPInterface], mtu: int | None, *, set_up: bool
+    ) -> None:
+        """Give the interface its addresses and MTU, and set it up if asked to.
+
+        Addresses get no prefix route: the prefix would otherwise land in the
+        main table and pull every user's packets towards the tunnel.
+        """
+        index = await self.link_index(interface)
+        if index is None:
+            raise InternalError(f"interface {interface} disappeared while it was configured")
+        # A DNS query sent to 127.0.0.53 and redirected into the tunnel keeps
+        # its loopback source until masqueraded, which needs route_localnet.
+        Path(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet").write_text("1\n")
+        current = {
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+            async for a in await self._ipr.addr("dump", index=index)
+        }
+        for address in addresses:
+            if (str(address.ip), address.network.prefixlen) in current:
+                continue
+            await self._ipr.addr(
+                "add",
+                index=index,
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+                family=_family(address.version),
+                IFA_FLAGS=IFA_F_NOPREFIXROUTE,
+            )
+        if mtu is not None:
+            await self._ipr.link("set", index=index, mtu=mtu)
+        if set_up:
+            await self._ipr.link("set", index=index, state="up")
+
+    async def apply(self, tunnels: Sequence[TunnelRoutes]) -> None:
+        """Make userbound's rules and routes exactly those these tunnels need.
+
+        Removes anything userbound installed earlier that no tunnel needs,
+        so the same call adopts, updates and cleans up.
+        """
+        wanted_rules = {rule for t in tunnels for rule in _rules(t)}
+        present_rules = await self._present_rules()
+        for key in present_rules - wanted_rules:
+            await self._rule("del", key)
+        for key in sorted(wanted_rules - present_rules):
+            await self._rule("add", key)
+
+        tables = {t.table for t in tunnels}
+        wanted_routes = {route for t in tunnels for route in await self._routes(t)}
+        present_routes = await self._present_routes()
+        for key in present_routes - wanted_routes:
+            await self._route("del", key)
+        for key in wanted_routes - present_routes:
+            if key[0] in tables:
+                await self._route("add", key)
+
+    # A route key: (table, network, interface index or 0 for unreachable).
+    RouteKey = tuple[int, str, int]
+
+    async def _present_rules(self) -> set[RuleKey]:
+        present = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for rule in await self._ipr.get_rules(family=family):
+                if rule.get_attr("FRA_PROTOCOL") != RTPROT_USERBOUND:
+                    continue
+                uids = rule.get_attr("FRA_UID_RANGE")
+                start, end = (int(x) for x in uids.split(":")) if uids else (0, 0)
+                source = rule.get_attr("FRA_SRC")
+                present.add(
+                    RuleKey(
+                        family=family,
+                        priority=rule.get_attr("FRA_PRIORITY"),
+                        table=rule.get_attr("FRA_TABLE"),
+                        fwmark=rule.get_attr("FRA_FWMARK") or 0,
+                        uid_start=start,
+                        uid_end=end,
+                        source=f"{source}/{rule['src_len']}" if source else "",
+                    )
+                )
+        return present
+
+    async def _rule(self, command: str, key: RuleKey) -> None:
+        arguments: dict[str, Any] = {
+            "family": key.family,
+            "priority": key.priority,
+            "table": key.table,
+            "protocol": RTPROT_USERBOUND,
+        }
+        if key.fwmark:
+            arguments.update(fwmark=key.fwmark, fwmask=0xFFFFFFFF)
+        elif key.source:
+            address, _, length = key.source.partition("/")
+            arguments.update(iifname="lo", src=address, src_len=int(length))
+        else:
+            arguments.update(iifname="lo", uid_range=f"{key.uid_start}:{key.uid_end}")
+        try:
+            await self._ipr.rule(command, **arguments)
+        except NetlinkError as error:
+            if not (command == "del" and error.code == errno.ENOENT):
+                raise InternalError(f"failed to {command} routing rule {key}: {error}") from error
+
+    async def _routes(self, tunnel: TunnelRoutes) -> set[RouteKey]:
+        index = await self.link_index(tunnel.interface) if tunnel.via_interface else None
+        routes: set[Routing.RouteKey] = set()
+        for network in tunnel.networks:
+            if index is not None:
+                routes.add((tunnel.table, str(network), index))
+            if tunnel.kill_switch:
+                routes.add((tunnel.table, str(network), 0))
+        if tunnel.kill_switch:
+            routes.update((tunnel.table, str(network), 0) for network in tunnel.blocked)
+        return routes
+
+    async def _present_routes(self) -> set[RouteKey]:
+        present = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for route in await self._ipr.get_routes(family=family, table=None):
+                table = route.get_attr("RTA_TABLE")
+                if not TABLE_FIRST <= table <= TABLE_LAST or route["proto"] != RTPROT_USERBOUND:
+                    continue
+                dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                network = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
+                index = route.get_attr("RTA_OIF") if route["type"] == 1 else 0
+                present.add((table, str(network), index or 0))
+        return present
+
+    async def _route(self, command: str, key: RouteKey) -> None:
+        table, network, index = key
+        arguments: dict[str, Any] = {
+            "dst": network,
+            "table": table,
+            "proto": RTPROT_USERBOUND,
+            "family": _family(ipaddress.ip_network(network).version),
+        }
+        if index:
+            arguments["oif"] = index
+        else:
+            arguments.update(type="unreachable", priority=UNREACHABLE_METRIC)
+        try:
+            await self._ipr.route(command, **arguments)
+        except NetlinkError as error:
+            ignorable = errno.ESRCH if command == "del" else errno.EEXIST
+            if error.code not in (ignorable, errno.ENOENT, errno.ENODEV):
+                raise InternalError(
+                    f"failed to {command} route {network} in table {table}: {error}"
+                ) from error
+
+
+def _rules(tunnel: TunnelRoutes) -> set[RuleKey]:
+    rules: set[RuleKey] = set()
+    for family in (socket.AF_INET, socket.AF_INET6):
+        rules.add(RuleKey(family, PRIORITY_FWMARK, MAIN_TABLE, fwmark=tunnel.fwmark))
+        rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, fwmark=tunnel.dns_mark))
+        for start, end in uid_ranges(tunnel.allowed_uids):
+            rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, uid_start=start, uid_end=end))
+    # Packets from the tunnel's own addresses belong in the tunnel even when
+    # they have no socket owner, such as the last ACKs of a closed TCP connection.
+    for address in tunnel.addresses:
+        family = _family(address.version)
+        host = f"{address.ip}/{address.max_prefixlen}"
+        rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, source=host))
+    return rules
+
+
+class LinkEvents:
+    """A netlink socket that calls back when any link appears, changes or goes away."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._socket.bind((0, RTMGRP_LINK))
+        self._socket.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def readable(self) -> None:
+        """Drain pending messages; the content does not matter, only that something changed."""
+        try:
+            while self._socket.recv(65536):
+                pass
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            # ENOBUFS means events were lost: a reconciliation covers them too.
+            logger.debug("link event socket: %s", error)
+        self._callback()
+
+    def close(self) -> None:
+        self._socket.close()

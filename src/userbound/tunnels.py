@@ -1,0 +1,220 @@
+"""The tunnel model: what the daemon knows about each tunnel, and how it is stored.
+
+The state file lets a restarted daemon adopt the tunnels an earlier process
+left.  It holds each tunnel's configuration, private key included, so it is
+written mode 0600 in a root-only directory on /run, like the files wg-quick
+reads from /etc/wireguard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from userbound import wgconfig
+from userbound.accounts import user_name
+from userbound.errors import InvalidRequest
+from userbound.firewall import TunnelRules
+from userbound.routing import TunnelRoutes, dns_mark
+from userbound.wgconfig import IPNetwork, WireGuardConfig
+from userbound.wireguard import DataPlane, DeviceStatus
+
+logger = logging.getLogger(__name__)
+
+# wg-quick's rule for interface names; Linux allows at most 15 characters.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
+STATE_FILE_VERSION = 1
+
+
+class State(StrEnum):
+    CONNECTING = "connecting"
+    UP = "up"
+    SUSPENDED = "suspended"
+    DOWN = "down"
+    FAILED = "failed"
+
+
+def check_name(name: str) -> str:
+    """Return the name if it is a valid tunnel (and interface) name."""
+    if not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise InvalidRequest(
+            f"field 'name': {name!r} is not a valid tunnel name; use 1 to 15 letters, digits "
+            "or _=+.- (it becomes the interface name)"
+        )
+    return name
+
+
+def full_tunnel_extras(networks: list[IPNetwork]) -> list[IPNetwork]:
+    """Return the default route of the family a one-family full tunnel leaves out.
+
+    A configuration that sends all IPv4 traffic through the tunnel expects no
+    IPv6 traffic to leave outside it either, and the other way round.
+    """
+    extras: list[IPNetwork] = []
+    versions = {n.version for n in networks}
+    if ipaddress.ip_network("0.0.0.0/0") in networks and 6 not in versions:
+        extras.append(ipaddress.ip_network("::/0"))
+    if ipaddress.ip_network("::/0") in networks and 4 not in versions:
+        extras.append(ipaddress.ip_network("0.0.0.0/0"))
+    return extras
+
+
+@dataclass
+class Tunnel:
+    """One owner-bound tunnel."""
+
+    name: str
+    owner: int
+    config_text: str
+    config: WireGuardConfig
+    table: int
+    fwmark: int
+    allowed_uids: set[int]
+    kill_switch: bool = True
+    state: State = State.CONNECTING
+    data_plane: DataPlane | None = None
+    created: float = field(default_factory=time.time)
+    failures: int = 0
+    removed: bool = False
+
+    @property
+    def interface(self) -> str:
+        return self.name
+
+    def networks(self) -> list[IPNetwork]:
+        return self.config.allowed_ips()
+
+    def blocked_networks(self) -> list[IPNetwork]:
+        """Return the networks behind the kill switch: AllowedIPs and full-tunnel extras."""
+        networks = self.networks()
+        return networks + full_tunnel_extras(networks)
+
+    def firewall_rules(self) -> TunnelRules:
+        return TunnelRules(
+            interface=self.interface,
+            allowed_uids=frozenset(self.allowed_uids),
+            networks=tuple(self.blocked_networks()),
+            fwmark=self.fwmark,
+            dns_mark=dns_mark(self.table),
+            ct_mark=self.table,
+            kill_switch=self.kill_switch,
+            engaged=self.state is not State.UP,
+            dns_servers=tuple(self.config.dns_servers),
+        )
+
+    def routes(self, *, link_up: bool) -> TunnelRoutes:
+        return TunnelRoutes(
+            interface=self.interface,
+            table=self.table,
+            fwmark=self.fwmark,
+            dns_mark=dns_mark(self.table),
+            allowed_uids=frozenset(self.allowed_uids),
+            addresses=tuple(self.config.addresses),
+            networks=tuple(self.networks()),
+            blocked=tuple(full_tunnel_extras(self.networks())),
+            kill_switch=self.kill_switch,
+            via_interface=link_up and self.state is State.UP,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Describe the tunnel to a user who does not own it."""
+        return {
+            "name": self.name,
+            "owner_uid": self.owner,
+            "owner_name": user_name(self.owner),
+            "state": self.state.value,
+        }
+
+    def details(self, device: DeviceStatus | None) -> dict[str, Any]:
+        """Describe the tunnel to its owner or root; never includes a private or preshared key."""
+        peers = []
+        for peer in self.config.peers:
+            key = peer.public_key.base64()
+            live = next((p for p in device.peers if p.public_key == key), None) if device else None
+            peers.append(
+                {
+                    "public_key": key,
+                    "endpoint": (live.endpoint if live and live.endpoint else None)
+                    or (str(peer.endpoint) if peer.endpoint else None),
+                    "allowed_ips": [str(n) for n in peer.allowed_ips],
+                    "last_handshake": live.last_handshake if live else None,
+                    "rx_bytes": live.rx_bytes if live else 0,
+                    "tx_bytes": live.tx_bytes if live else 0,
+                    "persistent_keepalive": peer.persistent_keepalive,
+                }
+            )
+        handshakes = [p["last_handshake"] for p in peers if p["last_handshake"]]
+        return {
+            **self.summary(),
+            "interface": self.interface,
+            "data_plane": self.data_plane.kind if self.data_plane else None,
+            "allowed_uids": sorted(self.allowed_uids),
+            "kill_switch": self.kill_switch,
+            "public_key": wgconfig.public_key(self.config.private_key).base64(),
+            "addresses": [str(a) for a in self.config.addresses],
+            "dns_servers": [str(a) for a in self.config.dns_servers],
+            "dns_search": list(self.config.dns_search),
+            "table": self.table,
+            "endpoint": peers[0]["endpoint"] if peers else None,
+            "last_handshake": max(handshakes) if handshakes else None,
+            "rx_bytes": sum(int(p["rx_bytes"]) for p in peers),
+            "tx_bytes": sum(int(p["tx_bytes"]) for p in peers),
+            "peers": peers,
+            "created": self.created,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """Return what the state file keeps of this tunnel."""
+        pid = getattr(self.data_plane, "pid", None)
+        return {
+            "name": self.name,
+            "owner": self.owner,
+            "config": self.config_text,
+            "table": self.table,
+            "fwmark": self.fwmark,
+            "allowed_uids": sorted(self.allowed_uids),
+            "kill_switch": self.kill_switch,
+            "data_plane": self.data_plane.kind if self.data_plane else None,
+            "pid": pid,
+            "created": self.created,
+        }
+
+
+class StateFile:
+    """The tunnels of the running daemon, kept on disk for the next one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "tunnels.json"
+
+    def save(self, tunnels: list[Tunnel]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = self.path.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump({"version": STATE_FILE_VERSION, "tunnels": [t.record() for t in tunnels]}, stream)
+        os.replace(temporary, self.path)
+
+    def load(self) -> list[dict[str, Any]]:
+        """Return the stored tunnel records; an unreadable file is logged and ignored."""
+        try:
+            data = json.loads(self.path.read_text())
+            records = data["tunnels"] if data.get("version") == STATE_FILE_VERSION else []
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            logger.error("ignoring unreadable state file %s: %s", self.path, error)
+            return []
+        return [r for r in records if isinstance(r, dict)]
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

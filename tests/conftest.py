@@ -1,0 +1,113 @@
+"""Fixtures: fresh network namespaces with a VPN server, and the real daemon in them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from userbound.lab.testbed import Testbed, remove_leftovers, run
+
+ALICE = 2001
+BOB = 2002
+CAROL = 2003
+PREFIX = "ubt"
+
+
+def _missing_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for program in ("ip", "nft", "wireguard-go", "wg", "setpriv"):
+        if shutil.which(program) is None:
+            return f"needs {program}"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _prerequisites(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("root") is None:
+        return
+    missing = _missing_prerequisites()
+    if missing is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"this test {missing}, and CI must run every test")
+    pytest.skip(f"this test {missing}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftovers_from_killed_runs() -> None:
+    if _missing_prerequisites() is None:
+        remove_leftovers(PREFIX)
+
+
+@dataclass
+class Lab:
+    """A testbed with the daemon running on its shared machine."""
+
+    bed: Testbed
+    daemon: subprocess.Popen[bytes]
+
+    def up(self, uid: int, config: str, *argv: str, name: str | None = None) -> subprocess.CompletedProcess[str]:
+        path = self.bed.write_config(config, uid, f"{name or 'corp'}.conf")
+        return self.bed.cli(uid, "up", str(path), "--name", name or self.bed.tunnel_name(), *argv)
+
+    def up_ok(self, uid: int, config: str, *argv: str) -> str:
+        name = self.bed.tunnel_name()
+        result = self.up(uid, config, *argv, name=name)
+        assert result.returncode == 0, result.stderr + self.bed.daemon_log()
+        assert result.stdout.strip() == name
+        return name
+
+    def restart_daemon(self) -> None:
+        self.daemon = self.bed.start_daemon()
+
+    def stop_daemon(self, signum: int = signal.SIGTERM) -> None:
+        self.daemon.send_signal(signum)
+        self.daemon.wait(timeout=30)
+
+
+def kernel_state(namespace: str) -> str:
+    """Return the namespace's rules, routes, links and nftables ruleset as text."""
+    parts = []
+    for argv in (
+        ["nft", "list", "ruleset"],
+        ["ip", "rule"],
+        ["ip", "-6", "rule"],
+        ["ip", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+        ["ip", "-o", "link"],
+        ["ip", "-o", "addr"],
+    ):
+        parts.append(f"$ {' '.join(argv)}\n" + run("ip", "netns", "exec", namespace, *argv))
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    testbed = Testbed(PREFIX)
+    testbed.build()
+    try:
+        yield testbed
+    finally:
+        testbed.destroy()
+        left = [n for n in testbed.namespaces if n in run("ip", "netns", "list")]
+        assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def lab(bed: Testbed) -> Iterator[Lab]:
+    daemon = bed.start_daemon()
+    environment = Lab(bed, daemon)
+    try:
+        yield environment
+    finally:
+        if environment.daemon.poll() is None:
+            environment.stop_daemon()
