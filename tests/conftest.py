@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -65,6 +68,18 @@ class Lab:
         assert result.returncode == 0, result.stderr + self.bed.daemon_log()
         assert result.stdout.strip() == name
         return name
+
+    def status(self, name: str) -> dict[str, Any]:
+        result = self.bed.cli(0, "status", name, "--json")
+        assert result.returncode == 0, result.stderr
+        tunnel: dict[str, Any] = json.loads(result.stdout)["tunnels"][0]
+        return tunnel
+
+    def wait_for_state(self, name: str, state: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status(name)["state"] != state:
+            assert time.monotonic() < deadline, f"{name} never became {state}:\n{self.bed.daemon_log()}"
+            time.sleep(0.05)
 
     def restart_daemon(self) -> None:
         self.daemon = self.bed.start_daemon()

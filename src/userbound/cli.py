@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="WireGuard implementation: the kernel module if loaded, else wireguard-go (default: auto)",
     )
+    daemon.add_argument(
+        "--restart-delay",
+        metavar="SECONDS",
+        type=float,
+        default=1.0,
+        help="wait before restarting a data plane that exited; doubles on each failure, "
+        "up to 30 s (default: 1)",
+    )
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
     up = commands.add_parser(
@@ -172,7 +180,16 @@ def run_daemon(arguments: argparse.Namespace) -> int:
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(run(socket_path(arguments.control_socket), arguments.state_dir, arguments.data_plane))
+    if not arguments.restart_delay > 0:
+        raise InvalidRequest(f"--restart-delay {arguments.restart_delay} must be above 0 seconds")
+    asyncio.run(
+        run(
+            socket_path(arguments.control_socket),
+            arguments.state_dir,
+            arguments.data_plane,
+            arguments.restart_delay,
+        )
+    )
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from userbound.errors import (
     UserboundError,
 )
 from userbound.firewall import Firewall
-from userbound.routing import TABLE_FIRST, TABLE_LAST, LinkEvents, Routing
+from userbound.routing import TABLE_FIRST, TABLE_LAST, LinkEvents, Routing, close_connections
 from userbound.tunnels import State, StateFile, Tunnel, check_name
 from userbound.wireguard import (
     DataPlane,
@@ -65,8 +65,15 @@ def notify_systemd(message: str) -> None:
 class Daemon:
     """The tunnels of this network namespace and everything that enforces them."""
 
-    def __init__(self, control_socket: str, state_dir: str, data_plane_kind: str = "auto") -> None:
+    def __init__(
+        self,
+        control_socket: str,
+        state_dir: str,
+        data_plane_kind: str = "auto",
+        restart_delay: float = RESTART_DELAY_FIRST,
+    ) -> None:
         self.control_socket = control_socket
+        self._restart_delay = restart_delay
         self.tunnels: dict[str, Tunnel] = {}
         self._lock = asyncio.Lock()
         self._data_plane_kind = data_plane_kind
@@ -184,6 +191,11 @@ class Daemon:
             [t.routes(link_up=await self._routing.link_is_up(t.interface)) for t in tunnels]
         )
         self._state_file.save(tunnels)
+        for tunnel in tunnels:
+            engaged = tunnel.state is not State.UP
+            if engaged and tunnel.enforced_state is State.UP and tunnel.kill_switch:
+                await close_connections(tunnel.config.addresses)
+            tunnel.enforced_state = tunnel.state
 
     def _on_link_event(self) -> None:
         if self._link_check is None or self._link_check.done():
@@ -246,7 +258,7 @@ class Daemon:
 
     async def _supervisor(self, tunnel: Tunnel, start_now: bool) -> None:
         """Restart the data plane whenever it exits, with growing delays."""
-        delay = RESTART_DELAY_FIRST
+        delay = self._restart_delay
         while not tunnel.removed:
             if not start_now:
                 if tunnel.data_plane is not None:
@@ -278,12 +290,12 @@ class Daemon:
                         tunnel.failures,
                         error,
                     )
-                    delay = min(delay * 2, RESTART_DELAY_MAX)
+                    delay = max(min(delay * 2, RESTART_DELAY_MAX), self._restart_delay)
                     await self.sync()
                     continue
                 tunnel.failures = 0
                 tunnel.state = State.UP
-                delay = RESTART_DELAY_FIRST
+                delay = self._restart_delay
                 await self.sync()
                 logger.info("tunnel %s is up again", tunnel.name)
 
@@ -475,7 +487,12 @@ def _is_wireguard_go(pid: int, interface: str) -> bool:
     return bool(arguments) and arguments[0].endswith(b"wireguard-go") and interface.encode() in arguments
 
 
-async def run_daemon(control_socket: str, state_dir: str, data_plane_kind: str = "auto") -> None:
+async def run_daemon(
+    control_socket: str,
+    state_dir: str,
+    data_plane_kind: str = "auto",
+    restart_delay: float = RESTART_DELAY_FIRST,
+) -> None:
     """Run the daemon until it is told to stop."""
-    daemon = Daemon(control_socket, state_dir, data_plane_kind)
+    daemon = Daemon(control_socket, state_dir, data_plane_kind, restart_delay)
     await daemon.run()

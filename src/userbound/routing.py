@@ -18,6 +18,7 @@ which is how a restarted daemon finds what an earlier one left.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -284,6 +285,33 @@ def _rules(tunnel: TunnelRoutes) -> set[RuleKey]:
         host = f"{address.ip}/{address.max_prefixlen}"
         rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, source=host))
     return rules
+
+
+async def close_connections(addresses: Sequence[IPInterface]) -> None:
+    """Abort the TCP connections that use these local addresses.
+
+    Once a tunnel stops carrying traffic, its connections have no route: TCP
+    would retry for minutes before the application noticed.  Aborting them
+    (SOCK_DESTROY, through `ss -K`) gives the application an error at once.
+    """
+    if not addresses:
+        return
+    terms: list[str] = []
+    for address in addresses:
+        host = str(address.ip) if address.version == 4 else f"[{address.ip}]"
+        terms += ["or", "src", host] if terms else ["src", host]
+    process = await asyncio.create_subprocess_exec(
+        "ss", "-K", "-t", "-H", "(", *terms, ")",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, error = await process.communicate()
+    if process.returncode != 0:
+        logger.warning(
+            "could not abort connections from %s: %s",
+            ", ".join(str(a.ip) for a in addresses),
+            error.decode(errors="replace").strip(),
+        )
 
 
 class LinkEvents:

@@ -85,6 +85,8 @@ class Tunnel:
     created: float = field(default_factory=time.time)
     failures: int = 0
     removed: bool = False
+    # The state the kernel rules were last built for.
+    enforced_state: State | None = None
 
     @property
     def interface(self) -> str:

@@ -129,6 +129,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.01, help="loop: seconds between probes")
     parser.add_argument("--output", help="loop: file that gets one line per probe")
+    parser.add_argument("--session", action="store_true", help="loop: probe over one TCP connection")
     arguments = parser.parse_args()
     if arguments.kind == "serve":
         serve(arguments.host.split(","), arguments.port)
@@ -144,12 +145,23 @@ def main() -> int:
 
 
 def probe_loop(arguments: argparse.Namespace) -> int:
-    """Probe over UDP every interval until killed, appending `time ok|error` lines to a file."""
+    """Probe every interval until killed, appending `time ok|error: ...` lines to a file.
+
+    With --session, all probes share one TCP connection, opened before the first.
+    """
     assert arguments.output
+    session: socket.socket | None = None
+    if arguments.session:
+        session = socket.create_connection((arguments.host, arguments.port), arguments.timeout)
     with open(arguments.output, "a", buffering=1) as output:
         while True:
             try:
-                result = probe_udp(arguments.host, arguments.port, arguments.interface, arguments.timeout)
+                if session is not None:
+                    session.sendall(b"hello\n")
+                    data = session.recv(64)
+                    result = "ok" if data == REPLY else f"error: unexpected reply {data!r}"
+                else:
+                    result = probe_udp(arguments.host, arguments.port, arguments.interface, arguments.timeout)
             except OSError as error:
                 result = f"error: {error.strerror or error}"
             output.write(f"{time.time():.3f} {result}\n")

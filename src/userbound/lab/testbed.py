@@ -80,6 +80,8 @@ class Client:
 class Testbed:
     """The namespaces, keys and servers of one lab or test run."""
 
+    __test__ = False  # a helper, not a pytest test class
+
     def __init__(self, prefix: str = "ubt") -> None:
         self.prefix = prefix
         self.id = secrets.token_hex(3)
@@ -371,6 +373,36 @@ table inet lab {{
         )
         lines = (result.stdout.strip() or result.stderr.strip()).splitlines()
         return lines[-1] if lines else f"error: probe exited {result.returncode} without output"
+
+    def start_probe_loop(
+        self,
+        uid: int,
+        label: str,
+        host: str = PRIVATE_V4,
+        *,
+        port: int = 7,
+        session: bool = False,
+        interval: float = 0.01,
+    ) -> Path:
+        """Probe from the shared machine as a uid until destroy(); return the file of results."""
+        output = self.directory / f"{label}.log"
+        output.touch()
+        os.chown(output, uid, uid)
+        argv = [sys.executable, "-m", "userbound.lab.probe", "loop", host, str(port)]
+        argv += ["--output", str(output), "--interval", str(interval), "--timeout", "0.5"]
+        if session:
+            argv.append("--session")
+        self.spawn(self.host, *argv, uid=uid)
+        return output
+
+    @staticmethod
+    def loop_results(output: Path) -> list[tuple[float, str]]:
+        """Return the (time, result) lines a probe loop has written so far."""
+        results = []
+        for line in output.read_text().splitlines():
+            moment, _, result = line.partition(" ")
+            results.append((float(moment), result))
+        return results
 
     # Observing
 

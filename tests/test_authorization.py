@@ -1,0 +1,114 @@
+"""Authorisation by peer credentials: users manage and see only their own tunnels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ALICE, BOB, Lab, kernel_state
+
+from userbound.errors import EXIT_NOT_FOUND, EXIT_NOT_PERMITTED
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def alice_tunnel(lab: Lab) -> str:
+    return lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()))
+
+
+def test_other_user_cannot_bring_down(lab: Lab, alice_tunnel: str) -> None:
+    before = kernel_state(lab.bed.host)
+
+    result = lab.bed.cli(BOB, "down", alice_tunnel)
+
+    assert result.returncode == EXIT_NOT_PERMITTED
+    assert alice_tunnel in result.stderr
+    assert kernel_state(lab.bed.host) == before
+    assert lab.bed.probe(ALICE, "tcp") == "ok"
+
+
+def test_other_user_cannot_reconfigure(lab: Lab, alice_tunnel: str) -> None:
+    before = kernel_state(lab.bed.host)
+
+    joined = lab.bed.cli(BOB, "allow", alice_tunnel, str(BOB))
+    owner_adds = lab.bed.cli(ALICE, "allow", alice_tunnel, str(BOB))
+
+    assert joined.returncode == EXIT_NOT_PERMITTED
+    assert owner_adds.returncode == EXIT_NOT_PERMITTED
+    assert kernel_state(lab.bed.host) == before
+    assert lab.bed.probe(BOB, "tcp", timeout=0.5).startswith("error")
+
+
+def test_other_user_sees_no_details(lab: Lab, alice_tunnel: str) -> None:
+    bob = json.loads(lab.bed.cli(BOB, "status", "--json").stdout)
+    alice = json.loads(lab.bed.cli(ALICE, "status", "--json").stdout)
+
+    assert bob["tunnels"] == [
+        {"name": alice_tunnel, "owner_uid": ALICE, "owner_name": None, "state": "up"}
+    ]
+    assert alice["tunnels"][0]["allowed_uids"] == [ALICE]
+    assert alice["tunnels"][0]["peers"][0]["public_key"]
+
+
+def test_status_never_shows_keys(lab: Lab, alice_tunnel: str) -> None:
+    client = lab.bed.clients[0]
+    secret = client.key.base64()
+
+    outputs = [
+        lab.bed.cli(uid, "status", *flags).stdout
+        for uid in (0, ALICE, BOB)
+        for flags in ([], ["--json"])
+    ]
+
+    for output in outputs:
+        assert secret not in output
+        assert client.key.hex() not in output
+    assert secret not in lab.bed.daemon_log()
+    assert "private" not in " ".join(outputs).lower()
+
+
+def test_user_cannot_bring_up_for_another(lab: Lab) -> None:
+    path = lab.bed.write_config(lab.bed.client_config(lab.bed.add_client()), BOB)
+
+    result = lab.bed.cli(BOB, "up", str(path), "--owner", str(ALICE), "--name", lab.bed.tunnel_name())
+    allowed = lab.bed.cli(BOB, "up", str(path), "--allow", str(ALICE), "--name", lab.bed.tunnel_name())
+
+    assert result.returncode == EXIT_NOT_PERMITTED
+    assert "owner" in result.stderr
+    assert allowed.returncode == EXIT_NOT_PERMITTED
+
+
+def test_user_cannot_read_owner_config(lab: Lab, alice_tunnel: str) -> None:
+    alice_file = lab.bed.directory / f"home-{ALICE}" / f"{alice_tunnel}.conf"
+
+    result = lab.bed.cli(BOB, "up", str(alice_file), "--name", lab.bed.tunnel_name())
+
+    assert alice_file.exists()
+    assert result.returncode == 2
+    assert "Permission denied" in result.stderr
+
+
+def test_unknown_tunnel_not_found(lab: Lab) -> None:
+    result = lab.bed.cli(ALICE, "down", "nosuchtunnel")
+
+    assert result.returncode == EXIT_NOT_FOUND
+    assert "nosuchtunnel" in result.stderr
+
+
+def test_name_conflict_rejected(lab: Lab, alice_tunnel: str) -> None:
+    before = kernel_state(lab.bed.host)
+    path = lab.bed.write_config(lab.bed.client_config(lab.bed.add_client()), BOB)
+
+    result = lab.bed.cli(BOB, "up", str(path), "--name", alice_tunnel)
+
+    assert result.returncode == 1
+    assert "exists" in result.stderr
+    assert kernel_state(lab.bed.host) == before
+
+
+def test_daemon_unreachable_exit_code(lab: Lab) -> None:
+    result = lab.bed.cli(ALICE, "status", "--control-socket", "/nonexistent/control.sock")
+
+    assert result.returncode == 4
+    assert "/nonexistent/control.sock" in result.stderr
