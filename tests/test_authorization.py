@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ALICE, BOB, Lab, kernel_state
 
+from conftest import ALICE, BOB, Lab, kernel_state
 from userbound.errors import EXIT_NOT_FOUND, EXIT_NOT_PERMITTED
 
 pytestmark = pytest.mark.root
@@ -71,8 +71,12 @@ def test_status_never_shows_keys(lab: Lab, alice_tunnel: str) -> None:
 def test_user_cannot_bring_up_for_another(lab: Lab) -> None:
     path = lab.bed.write_config(lab.bed.client_config(lab.bed.add_client()), BOB)
 
-    result = lab.bed.cli(BOB, "up", str(path), "--owner", str(ALICE), "--name", lab.bed.tunnel_name())
-    allowed = lab.bed.cli(BOB, "up", str(path), "--allow", str(ALICE), "--name", lab.bed.tunnel_name())
+    result = lab.bed.cli(
+        BOB, "up", str(path), "--owner", str(ALICE), "--name", lab.bed.tunnel_name()
+    )
+    allowed = lab.bed.cli(
+        BOB, "up", str(path), "--allow", str(ALICE), "--name", lab.bed.tunnel_name()
+    )
 
     assert result.returncode == EXIT_NOT_PERMITTED
     assert "owner" in result.stderr

@@ -6,8 +6,8 @@ import json
 import subprocess
 
 import pytest
-from conftest import ALICE, BOB, CAROL, Lab
 
+from conftest import ALICE, BOB, CAROL, Lab
 from userbound.lab.testbed import PRIVATE_V4, PRIVATE_V6, TCP_PORT
 
 pytestmark = pytest.mark.root
@@ -53,13 +53,27 @@ def test_curl_interface_bypass_blocked(lab: Lab) -> None:
 def test_forwarded_traffic_not_captured(lab: Lab) -> None:
     lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()))
     ruleset = subprocess.run(
-        ["ip", "netns", "exec", lab.bed.host, "nft", "list", "chain", "inet", "userbound", "forward"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.bed.host,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "userbound",
+            "forward",
+        ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     rules = subprocess.run(
-        ["ip", "netns", "exec", lab.bed.host, "ip", "rule"], capture_output=True, text=True, check=True
+        ["ip", "netns", "exec", lab.bed.host, "ip", "rule"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
     assert "drop" in ruleset

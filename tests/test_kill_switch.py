@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import ALICE, BOB, Lab
 
+from conftest import ALICE, BOB, Lab
 from userbound.lab.testbed import PRIVATE_V6, TCP_PORT
 
 pytestmark = pytest.mark.root
@@ -90,7 +90,9 @@ def test_existing_connection_stops(lab: Lab) -> None:
     after = [r for t, r in lab.bed.loop_results(session) if t > killed]
     assert "ok" not in after
     # The daemon aborts the connection, so the application learns at once.
-    assert "error: Software caused connection abort" in [r for _, r in lab.bed.loop_results(session)]
+    assert "error: Software caused connection abort" in [
+        r for _, r in lab.bed.loop_results(session)
+    ]
     assert lab.bed.leaked() == 0
 
 

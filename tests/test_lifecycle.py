@@ -6,8 +6,8 @@ import signal
 import subprocess
 
 import pytest
-from conftest import ALICE, BOB, Lab, kernel_state
 
+from conftest import ALICE, BOB, Lab, kernel_state
 from userbound.lab.testbed import Testbed
 
 pytestmark = pytest.mark.root

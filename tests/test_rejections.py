@@ -6,6 +6,7 @@ import json
 import socket
 
 import pytest
+
 from conftest import ALICE, Lab, kernel_state
 
 pytestmark = pytest.mark.root
@@ -129,7 +130,9 @@ def request(lab: Lab, payload: bytes) -> dict[str, object]:
 
 
 def up_request(**params: object) -> bytes:
-    return json.dumps({"version": 1, "command": "up", "params": {"config": conf(), **params}}).encode()
+    return json.dumps(
+        {"version": 1, "command": "up", "params": {"config": conf(), **params}}
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -151,7 +154,10 @@ def up_request(**params: object) -> bytes:
         (up_request(name="x/y"), "field 'name'"),
         (up_request(name="x", config=7), "field 'config'"),
         (b'{"version": 1, "command": "down", "params": {}}', "field 'name'"),
-        (b'{"version": 1, "command": "allow", "params": {"name": "x", "add": "bob"}}', "field 'add'"),
+        (
+            b'{"version": 1, "command": "allow", "params": {"name": "x", "add": "bob"}}',
+            "field 'add'",
+        ),
         (b'{"version": 1, "command": "status", "params": {"name": ["x"]}}', "field 'name'"),
     ],
 )

@@ -64,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"userbound {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
 
     daemon = commands.add_parser(
-        "daemon", parents=[common], help="run the root daemon in the foreground", epilog=EXIT_CODES,
+        "daemon",
+        parents=[common],
+        help="run the root daemon in the foreground",
+        epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     daemon.add_argument(
@@ -93,12 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
     up = commands.add_parser(
-        "up", parents=[common], help="bring up a tunnel from a wg-quick file", epilog=EXIT_CODES,
+        "up",
+        parents=[common],
+        help="bring up a tunnel from a wg-quick file",
+        epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    up.add_argument("config", metavar="CONF", help="WireGuard configuration file in wg-quick format")
-    up.add_argument("--name", help="tunnel and interface name (default: the file name without .conf)")
-    up.add_argument("--owner", metavar="USER", help="owner, as user name or uid (root only; default: you)")
+    up.add_argument(
+        "config", metavar="CONF", help="WireGuard configuration file in wg-quick format"
+    )
+    up.add_argument(
+        "--name", help="tunnel and interface name (default: the file name without .conf)"
+    )
+    up.add_argument(
+        "--owner", metavar="USER", help="owner, as user name or uid (root only; default: you)"
+    )
     up.add_argument(
         "--allow",
         metavar="USER",
@@ -119,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", metavar="NAME", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON")
 
-    allow = commands.add_parser("allow", parents=[common], help="change which users enter a tunnel (root only)")
+    allow = commands.add_parser(
+        "allow", parents=[common], help="change which users enter a tunnel (root only)"
+    )
     allow.add_argument("name", metavar="NAME")
     allow.add_argument("users", metavar="USER", nargs="+", help="user name or uid")
-    allow.add_argument("--remove", action="store_true", help="remove these users instead of adding them")
+    allow.add_argument(
+        "--remove", action="store_true", help="remove these users instead of adding them"
+    )
 
     lab = commands.add_parser(
         "lab", help="show who reaches what through a tunnel, in namespaces of its own (root)"
@@ -216,7 +234,11 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
             f"run: chmod 600 {config}",
             file=sys.stderr,
         )
-    params: dict[str, Any] = {"config": text, "name": name, "kill_switch": not arguments.no_kill_switch}
+    params: dict[str, Any] = {
+        "config": text,
+        "name": name,
+        "kill_switch": not arguments.no_kill_switch,
+    }
     if arguments.owner is not None:
         params["owner"] = int(arguments.owner) if arguments.owner.isdigit() else arguments.owner
     if arguments.allow:

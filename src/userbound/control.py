@@ -77,7 +77,7 @@ class Params:
         value: str | None = self._get(name, str, "a string", None)
         return value
 
-    def boolean(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, *, default: bool) -> bool:
         value: bool = self._get(name, bool, "true or false", default)
         return value
 
@@ -89,7 +89,7 @@ class Params:
     def users(self, name: str, *, required: bool = False) -> list[str | int] | None:
         if required and name not in self._params:
             raise InvalidRequest(f"field {name!r} is missing")
-        value = self._get(name, list, "a list of user names or uids", None)
+        value: list[str | int] | None = self._get(name, list, "a list of user names or uids", None)
         if value is not None:
             for item in value:
                 if not isinstance(item, str | int) or isinstance(item, bool):
@@ -105,6 +105,11 @@ class Params:
                 f"unknown field {unknown[0]!r}; this command takes "
                 + ", ".join(repr(k) for k in sorted(known))
             )
+
+
+def _remove_socket_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _error_reply(error: UserboundError) -> dict[str, Any]:
@@ -154,10 +159,8 @@ class ControlServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        directory = Path(self.path).parent
-        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.path).unlink()
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # noqa: ASYNC240
+        _remove_socket_file(self.path)
         self._server = await asyncio.start_unix_server(
             self._serve, path=self.path, limit=MAX_REQUEST_BYTES
         )
@@ -171,8 +174,7 @@ class ControlServer:
                 task.cancel()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.path).unlink()
+        _remove_socket_file(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -210,7 +212,9 @@ class ControlServer:
                 logger.error("request %s from uid %d failed: %s", command, caller.uid, error)
             return _error_reply(error)
         except Exception:
-            logger.exception("request %s from uid %d failed with an internal error", command, caller.uid)
+            logger.exception(
+                "request %s from uid %d failed with an internal error", command, caller.uid
+            )
             return _error_reply(InternalError(f"internal error while handling {command!r}"))
         return {"version": PROTOCOL_VERSION, "ok": True, "result": result}
 
@@ -233,13 +237,17 @@ def call(path: str, command: str, params: dict[str, Any], timeout: float = 60.0)
             try:
                 chunk = sock.recv(65536)
             except TimeoutError:
-                raise DaemonUnreachable(f"the daemon at {path} did not reply within {timeout:.0f} s") from None
+                raise DaemonUnreachable(
+                    f"the daemon at {path} did not reply within {timeout:.0f} s"
+                ) from None
             if not chunk:
-                raise DaemonUnreachable(f"the daemon at {path} closed the connection without a reply")
+                raise DaemonUnreachable(
+                    f"the daemon at {path} closed the connection without a reply"
+                )
             data += chunk
     reply = json.loads(data)
     if not reply.get("ok"):
-        error = reply.get("error", {})
-        raise error_from_code(str(error.get("code")), str(error.get("message")))
+        details = reply.get("error", {})
+        raise error_from_code(str(details.get("code")), str(details.get("message")))
     result: dict[str, Any] = reply.get("result", {})
     return result

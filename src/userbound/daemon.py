@@ -159,7 +159,9 @@ class Daemon:
                 tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=True
             )
         except UserboundError as error:
-            logger.warning("cannot adopt tunnel %s, replacing its data plane: %s", tunnel.name, error)
+            logger.warning(
+                "cannot adopt tunnel %s, replacing its data plane: %s", tunnel.name, error
+            )
             await tunnel.data_plane.stop()
             tunnel.data_plane = None
             return False
@@ -183,13 +185,18 @@ class Daemon:
 
     # Kernel state
 
-    async def sync(self) -> None:
-        """Make the kernel's rules and routes match the tunnels, and store the tunnels."""
+    async def sync(self, *, refresh: bool = True) -> None:
+        """Make the kernel's rules and routes match the tunnels, and store the tunnels.
+
+        refresh=False reuses the interface states and routes read by the last
+        call; it suits changes of allowed uids, which touch neither.
+        """
         tunnels = list(self.tunnels.values())
+        if refresh:
+            for tunnel in tunnels:
+                tunnel.link_index, tunnel.link_up = await self._routing.link_state(tunnel.interface)
         self._firewall.apply([t.firewall_rules() for t in tunnels])
-        await self._routing.apply(
-            [t.routes(link_up=await self._routing.link_is_up(t.interface)) for t in tunnels]
-        )
+        await self._routing.apply([t.routes() for t in tunnels], refresh=refresh)
         self._state_file.save(tunnels)
         for tunnel in tunnels:
             engaged = tunnel.state is not State.UP
@@ -206,7 +213,7 @@ class Daemon:
         async with self._lock:
             changed = False
             for tunnel in self.tunnels.values():
-                link_up = await self._routing.link_is_up(tunnel.interface)
+                _, link_up = await self._routing.link_state(tunnel.interface)
                 alive = tunnel.data_plane is not None and tunnel.data_plane.alive()
                 if tunnel.state is State.UP and not link_up:
                     logger.warning("interface %s went down; kill switch engaged", tunnel.interface)
@@ -253,10 +260,10 @@ class Daemon:
             )
 
     def _supervise(self, tunnel: Tunnel, *, start_now: bool) -> None:
-        task = asyncio.get_running_loop().create_task(self._supervisor(tunnel, start_now))
+        task = asyncio.get_running_loop().create_task(self._supervisor(tunnel, start_now=start_now))
         self._supervisors[tunnel.name] = task
 
-    async def _supervisor(self, tunnel: Tunnel, start_now: bool) -> None:
+    async def _supervisor(self, tunnel: Tunnel, *, start_now: bool) -> None:
         """Restart the data plane whenever it exits, with growing delays."""
         delay = self._restart_delay
         while not tunnel.removed:
@@ -390,7 +397,8 @@ class Daemon:
     async def _check_conflicts(self, new: Tunnel) -> None:
         if new.name in self.tunnels:
             raise Conflict(f"a tunnel named {new.name!r} exists; choose another name with --name")
-        if await self._routing.link_index(new.interface) is not None or interface_in_use(new.interface):
+        index, _ = await self._routing.link_state(new.interface)
+        if index is not None or interface_in_use(new.interface):
             raise Conflict(
                 f"an interface named {new.interface!r} exists (here or in another network "
                 "namespace); choose another name with --name"
@@ -448,7 +456,7 @@ class Daemon:
             tunnel.allowed_uids = (previous | add) - remove
             try:
                 self._check_overlaps(tunnel)
-                await self.sync()
+                await self.sync(refresh=False)
             except BaseException:
                 tunnel.allowed_uids = previous
                 await self.sync()
@@ -484,7 +492,11 @@ def _is_wireguard_go(pid: int, interface: str) -> bool:
         arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(arguments) and arguments[0].endswith(b"wireguard-go") and interface.encode() in arguments
+    return (
+        bool(arguments)
+        and arguments[0].endswith(b"wireguard-go")
+        and interface.encode() in arguments
+    )
 
 
 async def run_daemon(

@@ -19,6 +19,7 @@ The forward hook drops packets routed into or out of a tunnel interface.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -54,6 +55,11 @@ class TunnelRules:
     def chain(self, role: str) -> str:
         return f"{self.interface}-{role}"
 
+    @property
+    def uid_set(self) -> str:
+        """Name of the set of allowed uids; rules refer to it so a change rewrites only the set."""
+        return f"{self.interface}-uids"
+
 
 class Firewall:
     """One long-lived libnftables context that replaces the userbound table."""
@@ -70,18 +76,41 @@ class Firewall:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
+        self._applied: list[TunnelRules] = []
 
     def apply(self, tunnels: Sequence[TunnelRules]) -> None:
-        """Replace the table with the rules for these tunnels in one transaction."""
+        """Bring the table in line with these tunnels in one transaction.
+
+        When only allowed uids changed, the transaction rewrites the uid sets
+        and leaves the rules alone; otherwise it replaces the whole table.
+        """
+        tunnels = list(tunnels)
         if not tunnels:
             self.remove()
-            return
-        commands = build_ruleset(tunnels)
-        self._run({"nftables": commands})
-        self._verify(tunnels)
+        elif _only_uids_differ(self._applied, tunnels):
+            self._update_uids(tunnels)
+        else:
+            self._run({"nftables": build_ruleset(tunnels)})
+            self._verify(tunnels)
+        self._applied = tunnels
+
+    def _update_uids(self, tunnels: list[TunnelRules]) -> None:
+        commands: list[Json] = []
+        for old, new in zip(self._applied, tunnels, strict=True):
+            if old.allowed_uids != new.allowed_uids:
+                uids = {"family": FAMILY, "table": TABLE, "name": new.uid_set}
+                commands.append({"flush": {"set": uids}})
+                commands.append({"add": {"element": {**uids, "elem": sorted(new.allowed_uids)}}})
+        try:
+            self._run({"nftables": commands})
+        except InternalError:
+            # The table changed behind our back: rebuild it whole.
+            self._run({"nftables": build_ruleset(tunnels)})
+            self._verify(tunnels)
 
     def remove(self) -> None:
         """Delete the table if it exists."""
+        self._applied = []
         self._run(
             {
                 "nftables": [
@@ -143,7 +172,16 @@ def _values(items: Sequence[Any]) -> Any:
 
 
 def _uids(tunnel: TunnelRules) -> Json:
-    return _match(_meta("skuid"), _values(sorted(tunnel.allowed_uids)))
+    return _match(_meta("skuid"), f"@{tunnel.uid_set}")
+
+
+def _only_uids_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
+    if len(old) != len(new) or old == new:
+        return False
+    return all(
+        dataclasses.replace(a, allowed_uids=b.allowed_uids) == b
+        for a, b in zip(old, new, strict=True)
+    )
 
 
 def _dport_53() -> list[Json]:
@@ -195,6 +233,9 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
     marks = sorted({t.fwmark for t in tunnels} | {t.dns_mark for t in tunnels if t.dns_servers})
     commands.append(_rule("output", _match(_meta("mark"), _values(marks)), {"return": None}))
     for tunnel in tunnels:
+        uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
+        commands.append({"add": {"set": {**uids, "elem": sorted(tunnel.allowed_uids)}}})
+    for tunnel in tunnels:
         commands.extend(_dns_rules(tunnel))
     commands.append(_rule("output", _match(_meta("oifname"), "lo"), {"return": None}))
     interfaces = sorted(t.interface for t in tunnels)
@@ -224,7 +265,14 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
             # A packet that has a socket but was not accepted above belongs to
             # another user.  One without a socket, such as a TCP ACK sent from
             # TIME_WAIT, passes only on a connection an allowed uid opened.
-            commands.append(_rule(via, _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]}), {"counter": None}, {"drop": None}))
+            commands.append(
+                _rule(
+                    via,
+                    _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]}),
+                    {"counter": None},
+                    {"drop": None},
+                )
+            )
             commands.append(_rule(via, _match(ct_mark, tunnel.ct_mark), {"accept": None}))
         commands.append(_rule(via, {"counter": None}, {"drop": None}))
         if tunnel.kill_switch:

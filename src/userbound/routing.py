@@ -22,7 +22,9 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,31 @@ TABLE_LAST = 52999
 UNREACHABLE_METRIC = 0xFFFFFFFF
 IFA_F_NOPREFIXROUTE = 0x200
 RTMGRP_LINK = 1
+IFF_UP = 1
 MAIN_TABLE = 254
 
 
 def dns_mark(table: int) -> int:
     """Return the fwmark that steers a tunnel's redirected DNS queries into its table."""
     return 0x00750000 | table
+
+
+def _enable_route_localnet(interface: str) -> None:
+    """Let packets with a loopback source leave through the interface until masqueraded.
+
+    A DNS query sent to 127.0.0.53 and redirected into the tunnel keeps its
+    loopback source until the postrouting hook; without this the kernel drops it.
+    A write to procfs, which does not block.
+    """
+    Path(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet").write_text("1\n")
+
+
+class RouteKey(NamedTuple):
+    """One route userbound installs: through the interface, or unreachable when index is 0."""
+
+    table: int
+    network: str
+    interface_index: int
 
 
 class RuleKey(NamedTuple):
@@ -77,7 +98,8 @@ class TunnelRoutes:
     networks: tuple[IPNetwork, ...]
     blocked: tuple[IPNetwork, ...]
     kill_switch: bool
-    via_interface: bool
+    # The interface to route the networks through, or None while the tunnel is not up.
+    link_index: int | None
 
 
 def uid_ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
@@ -91,7 +113,7 @@ def uid_ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _family(version: int) -> int:
+def _family(version: int) -> socket.AddressFamily:
     return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
@@ -100,6 +122,9 @@ class Routing:
 
     def __init__(self) -> None:
         self._ipr = AsyncIPRoute()
+        # What the last apply() left in the kernel, for calls that skip the dump.
+        self._rules: set[RuleKey] | None = None
+        self._routes: set[RouteKey] | None = None
 
     async def open(self) -> None:
         await self._ipr.setup_endpoint()
@@ -112,16 +137,15 @@ class Routing:
         found = await self._ipr.link_lookup(ifname=interface)
         return int(found[0]) if found else None
 
-    async def link_is_up(self, interface: str) -> bool:
-        """Return whether the interface exists and is administratively up."""
-        index = await self.link_index(interface)
-        if index is None:
-            return False
+    async def link_state(self, interface: str) -> tuple[int | None, bool]:
+        """Return the interface's index (None if it does not exist) and whether it is up."""
         try:
-            links = [link async for link in await self._ipr.get_links(index)]
+            links = await self._ipr.link("get", ifname=interface)
         except NetlinkError:
-            return False
-        return bool(links and links[0]["flags"] & 1)
+            return None, False
+        if not links:
+            return None, False
+        return int(links[0]["index"]), bool(links[0]["flags"] & IFF_UP)
 
     async def configure_link(
         self, interface: str, addresses: Sequence[IPInterface], mtu: int | None, *, set_up: bool
@@ -134,9 +158,7 @@ class Routing:
         index = await self.link_index(interface)
         if index is None:
             raise InternalError(f"interface {interface} disappeared while it was configured")
-        # A DNS query sent to 127.0.0.53 and redirected into the tunnel keeps
-        # its loopback source until masqueraded, which needs route_localnet.
-        Path(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet").write_text("1\n")
+        _enable_route_localnet(interface)
         current = {
             (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
             async for a in await self._ipr.addr("dump", index=index)
@@ -157,30 +179,29 @@ class Routing:
         if set_up:
             await self._ipr.link("set", index=index, state="up")
 
-    async def apply(self, tunnels: Sequence[TunnelRoutes]) -> None:
+    async def apply(self, tunnels: Sequence[TunnelRoutes], *, refresh: bool = True) -> None:
         """Make userbound's rules and routes exactly those these tunnels need.
 
         Removes anything userbound installed earlier that no tunnel needs,
-        so the same call adopts, updates and cleans up.
+        so the same call adopts, updates and cleans up.  With refresh=False
+        it trusts what the previous call left instead of reading the kernel's
+        tables, which only suits changes that no link event can have overtaken.
         """
         wanted_rules = {rule for t in tunnels for rule in _rules(t)}
-        present_rules = await self._present_rules()
-        for key in present_rules - wanted_rules:
-            await self._rule("del", key)
-        for key in sorted(wanted_rules - present_rules):
-            await self._rule("add", key)
+        if refresh or self._rules is None:
+            self._rules = await self._present_rules()
+        # Deletions go first, so a uid that loses access never selects two tables.
+        self._change_rules(self._rules - wanted_rules, sorted(wanted_rules - self._rules))
+        self._rules = wanted_rules
 
-        tables = {t.table for t in tunnels}
-        wanted_routes = {route for t in tunnels for route in await self._routes(t)}
-        present_routes = await self._present_routes()
-        for key in present_routes - wanted_routes:
-            await self._route("del", key)
-        for key in wanted_routes - present_routes:
-            if key[0] in tables:
-                await self._route("add", key)
-
-    # A route key: (table, network, interface index or 0 for unreachable).
-    RouteKey = tuple[int, str, int]
+        wanted_routes = {route for t in tunnels for route in _routes(t)}
+        if refresh or self._routes is None:
+            self._routes = await self._present_routes()
+        for route in self._routes - wanted_routes:
+            await self._route("del", route)
+        for route in wanted_routes - self._routes:
+            await self._route("add", route)
+        self._routes = wanted_routes
 
     async def _present_rules(self) -> set[RuleKey]:
         present = set()
@@ -204,37 +225,33 @@ class Routing:
                 )
         return present
 
-    async def _rule(self, command: str, key: RuleKey) -> None:
-        arguments: dict[str, Any] = {
-            "family": key.family,
-            "priority": key.priority,
-            "table": key.table,
-            "protocol": RTPROT_USERBOUND,
-        }
-        if key.fwmark:
-            arguments.update(fwmark=key.fwmark, fwmask=0xFFFFFFFF)
-        elif key.source:
-            address, _, length = key.source.partition("/")
-            arguments.update(iifname="lo", src=address, src_len=int(length))
-        else:
-            arguments.update(iifname="lo", uid_range=f"{key.uid_start}:{key.uid_end}")
-        try:
-            await self._ipr.rule(command, **arguments)
-        except NetlinkError as error:
-            if not (command == "del" and error.code == errno.ENOENT):
-                raise InternalError(f"failed to {command} routing rule {key}: {error}") from error
+    def _change_rules(self, deletions: Iterable[RuleKey], additions: Iterable[RuleKey]) -> None:
+        """Delete, then add, routing rules in one netlink batch.
 
-    async def _routes(self, tunnel: TunnelRoutes) -> set[RouteKey]:
-        index = await self.link_index(tunnel.interface) if tunnel.via_interface else None
-        routes: set[Routing.RouteKey] = set()
-        for network in tunnel.networks:
-            if index is not None:
-                routes.add((tunnel.table, str(network), index))
-            if tunnel.kill_switch:
-                routes.add((tunnel.table, str(network), 0))
-        if tunnel.kill_switch:
-            routes.update((tunnel.table, str(network), 0) for network in tunnel.blocked)
-        return routes
+        pyroute2 takes about 0.4 ms to encode and send one rule here; the
+        batch takes a few microseconds, and changes of allowed uids are
+        measured in rules per change.
+        """
+        requests = [(RTM_DELRULE, rule) for rule in deletions]
+        requests += [(RTM_NEWRULE, rule) for rule in additions]
+        if not requests:
+            return
+        messages = b"".join(
+            _rule_message(kind, rule, sequence) for sequence, (kind, rule) in enumerate(requests, 1)
+        )
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.settimeout(5)
+            sock.sendall(messages)
+            pending = dict(enumerate(requests, 1))
+            while pending:
+                for sequence, code in _acks(sock.recv(65536)):
+                    kind, rule = pending.pop(sequence)
+                    ignorable = errno.ENOENT if kind == RTM_DELRULE else errno.EEXIST
+                    if code not in (0, ignorable):
+                        command = "delete" if kind == RTM_DELRULE else "add"
+                        raise InternalError(
+                            f"failed to {command} routing rule {rule}: {os.strerror(code)}"
+                        )
 
     async def _present_routes(self) -> set[RouteKey]:
         present = set()
@@ -246,7 +263,7 @@ class Routing:
                 dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
                 network = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
                 index = route.get_attr("RTA_OIF") if route["type"] == 1 else 0
-                present.add((table, str(network), index or 0))
+                present.add(RouteKey(table, str(network), index or 0))
         return present
 
     async def _route(self, command: str, key: RouteKey) -> None:
@@ -271,6 +288,18 @@ class Routing:
                 ) from error
 
 
+def _routes(tunnel: TunnelRoutes) -> set[RouteKey]:
+    routes: set[RouteKey] = set()
+    for network in tunnel.networks:
+        if tunnel.link_index is not None:
+            routes.add(RouteKey(tunnel.table, str(network), tunnel.link_index))
+        if tunnel.kill_switch:
+            routes.add(RouteKey(tunnel.table, str(network), 0))
+    if tunnel.kill_switch:
+        routes.update(RouteKey(tunnel.table, str(network), 0) for network in tunnel.blocked)
+    return routes
+
+
 def _rules(tunnel: TunnelRoutes) -> set[RuleKey]:
     rules: set[RuleKey] = set()
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -281,9 +310,8 @@ def _rules(tunnel: TunnelRoutes) -> set[RuleKey]:
     # Packets from the tunnel's own addresses belong in the tunnel even when
     # they have no socket owner, such as the last ACKs of a closed TCP connection.
     for address in tunnel.addresses:
-        family = _family(address.version)
         host = f"{address.ip}/{address.max_prefixlen}"
-        rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, source=host))
+        rules.add(RuleKey(_family(address.version), PRIORITY_UID, tunnel.table, source=host))
     return rules
 
 
@@ -301,7 +329,13 @@ async def close_connections(addresses: Sequence[IPInterface]) -> None:
         host = str(address.ip) if address.version == 4 else f"[{address.ip}]"
         terms += ["or", "src", host] if terms else ["src", host]
     process = await asyncio.create_subprocess_exec(
-        "ss", "-K", "-t", "-H", "(", *terms, ")",
+        "ss",
+        "-K",
+        "-t",
+        "-H",
+        "(",
+        *terms,
+        ")",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -314,6 +348,71 @@ async def close_connections(addresses: Sequence[IPInterface]) -> None:
         )
 
 
+RTM_NEWRULE = 32
+RTM_DELRULE = 33
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+FR_ACT_TO_TBL = 1
+FRA_SRC = 2
+FRA_IIFNAME = 3
+FRA_PRIORITY = 6
+FRA_FWMARK = 10
+FRA_TABLE = 15
+FRA_FWMASK = 16
+FRA_UID_RANGE = 20
+FRA_PROTOCOL = 21
+
+
+def _attribute(kind: int, data: bytes) -> bytes:
+    padding = b"\0" * (-len(data) % 4)
+    return struct.pack("=HH", 4 + len(data), kind) + data + padding
+
+
+def _rule_message(kind: int, rule: RuleKey, sequence: int) -> bytes:
+    """Encode an RTM_NEWRULE or RTM_DELRULE request (struct fib_rule_hdr and attributes)."""
+    source_length = 0
+    attributes = [
+        _attribute(FRA_PRIORITY, struct.pack("=I", rule.priority)),
+        _attribute(FRA_TABLE, struct.pack("=I", rule.table)),
+        _attribute(FRA_PROTOCOL, struct.pack("=B", RTPROT_USERBOUND)),
+    ]
+    if rule.fwmark:
+        attributes.append(_attribute(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
+        attributes.append(_attribute(FRA_FWMASK, struct.pack("=I", 0xFFFFFFFF)))
+    else:
+        attributes.append(_attribute(FRA_IIFNAME, b"lo\0"))
+        if rule.source:
+            network = ipaddress.ip_network(rule.source)
+            source_length = network.prefixlen
+            attributes.append(_attribute(FRA_SRC, network.network_address.packed))
+        else:
+            uids = struct.pack("=II", rule.uid_start, rule.uid_end)
+            attributes.append(_attribute(FRA_UID_RANGE, uids))
+    # The table field of the header holds only 8 bits; FRA_TABLE carries the real one.
+    header = struct.pack("=BBBBBBBBI", rule.family, 0, source_length, 0, 0, 0, 0, FR_ACT_TO_TBL, 0)
+    body = header + b"".join(attributes)
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    if kind == RTM_NEWRULE:
+        flags |= NLM_F_CREATE | NLM_F_EXCL
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, sequence, 0) + body
+
+
+def _acks(data: bytes) -> list[tuple[int, int]]:
+    """Return (sequence, errno) for each acknowledgement in a netlink reply."""
+    acks = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _, sequence, _ = struct.unpack_from("=IHHII", data, offset)
+        if kind == NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, offset + 16)
+            acks.append((sequence, -code))
+        offset += (length + 3) & ~3
+    return acks
+
+
 class LinkEvents:
     """A netlink socket that calls back when any link appears, changes or goes away."""
 
@@ -321,7 +420,7 @@ class LinkEvents:
         self._callback = callback
         self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         self._socket.bind((0, RTMGRP_LINK))
-        self._socket.setblocking(False)
+        self._socket.setblocking(False)  # noqa: FBT003 - the socket module's own signature
 
     def fileno(self) -> int:
         return self._socket.fileno()

@@ -85,8 +85,10 @@ class Tunnel:
     created: float = field(default_factory=time.time)
     failures: int = 0
     removed: bool = False
-    # The state the kernel rules were last built for.
+    # The state the kernel rules were last built for, and the interface as last read.
     enforced_state: State | None = None
+    link_index: int | None = None
+    link_up: bool = False
 
     @property
     def interface(self) -> str:
@@ -113,7 +115,7 @@ class Tunnel:
             dns_servers=tuple(self.config.dns_servers),
         )
 
-    def routes(self, *, link_up: bool) -> TunnelRoutes:
+    def routes(self) -> TunnelRoutes:
         return TunnelRoutes(
             interface=self.interface,
             table=self.table,
@@ -124,7 +126,7 @@ class Tunnel:
             networks=tuple(self.networks()),
             blocked=tuple(full_tunnel_extras(self.networks())),
             kill_switch=self.kill_switch,
-            via_interface=link_up and self.state is State.UP,
+            link_index=self.link_index if self.link_up and self.state is State.UP else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -138,23 +140,23 @@ class Tunnel:
 
     def details(self, device: DeviceStatus | None) -> dict[str, Any]:
         """Describe the tunnel to its owner or root; never includes a private or preshared key."""
-        peers = []
+        live = {p.public_key: p for p in device.peers} if device else {}
+        peers: list[dict[str, Any]] = []
         for peer in self.config.peers:
-            key = peer.public_key.base64()
-            live = next((p for p in device.peers if p.public_key == key), None) if device else None
+            status = live.get(peer.public_key.base64())
+            configured = str(peer.endpoint) if peer.endpoint else None
             peers.append(
                 {
-                    "public_key": key,
-                    "endpoint": (live.endpoint if live and live.endpoint else None)
-                    or (str(peer.endpoint) if peer.endpoint else None),
+                    "public_key": peer.public_key.base64(),
+                    "endpoint": (status.endpoint if status else None) or configured,
                     "allowed_ips": [str(n) for n in peer.allowed_ips],
-                    "last_handshake": live.last_handshake if live else None,
-                    "rx_bytes": live.rx_bytes if live else 0,
-                    "tx_bytes": live.tx_bytes if live else 0,
+                    "last_handshake": status.last_handshake if status else None,
+                    "rx_bytes": status.rx_bytes if status else 0,
+                    "tx_bytes": status.tx_bytes if status else 0,
                     "persistent_keepalive": peer.persistent_keepalive,
                 }
             )
-        handshakes = [p["last_handshake"] for p in peers if p["last_handshake"]]
+        handshakes = [p.last_handshake for p in live.values() if p.last_handshake]
         return {
             **self.summary(),
             "interface": self.interface,
@@ -168,8 +170,8 @@ class Tunnel:
             "table": self.table,
             "endpoint": peers[0]["endpoint"] if peers else None,
             "last_handshake": max(handshakes) if handshakes else None,
-            "rx_bytes": sum(int(p["rx_bytes"]) for p in peers),
-            "tx_bytes": sum(int(p["tx_bytes"]) for p in peers),
+            "rx_bytes": sum(p.rx_bytes for p in live.values()),
+            "tx_bytes": sum(p.tx_bytes for p in live.values()),
             "peers": peers,
             "created": self.created,
         }
@@ -202,7 +204,9 @@ class StateFile:
         temporary = self.path.with_suffix(".tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as stream:
-            json.dump({"version": STATE_FILE_VERSION, "tunnels": [t.record() for t in tunnels]}, stream)
+            json.dump(
+                {"version": STATE_FILE_VERSION, "tunnels": [t.record() for t in tunnels]}, stream
+            )
         os.replace(temporary, self.path)
 
     def load(self) -> list[dict[str, Any]]:

@@ -234,9 +234,7 @@ def parse(text: str) -> WireGuardConfig:
         if "persistentkeepalive" in values:
             number, value = values["persistentkeepalive"]
             if value.lower() != "off":
-                peer.persistent_keepalive = _integer(
-                    number, value, "PersistentKeepalive", 0, 65535
-                )
+                peer.persistent_keepalive = _integer(number, value, "PersistentKeepalive", 0, 65535)
         for number, value in allowed:
             for item in _split_list(number, "AllowedIPs", value):
                 peer.allowed_ips.append(_network(number, item))

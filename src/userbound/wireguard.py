@@ -197,8 +197,10 @@ class WireGuardGo:
             self.socket_path.unlink()  # left by a process that was killed
         # A session of its own: a signal to the daemon's process group (Ctrl-C
         # in a terminal) must not stop the data plane before the daemon has
-        # moved its traffic behind the kill switch.
-        process = subprocess.Popen(
+        # moved its traffic behind the kill switch.  Popen returns once the
+        # child is forked, and the child is watched through a pidfd, like one
+        # adopted from an earlier daemon.
+        process = subprocess.Popen(  # noqa: ASYNC220
             [program, "-f", self.interface],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -246,7 +248,9 @@ class WireGuardGo:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
         except OSError as error:
-            raise InternalError(f"wireguard-go for {self.interface} is unreachable: {error}") from error
+            raise InternalError(
+                f"wireguard-go for {self.interface} is unreachable: {error}"
+            ) from error
         try:
             writer.write(request.encode())
             await writer.drain()
@@ -259,7 +263,9 @@ class WireGuardGo:
         code = next((line[6:] for line in text.splitlines() if line.startswith("errno=")), "0")
         if code != "0":
             name = errno.errorcode.get(int(code), code)
-            raise InternalError(f"wireguard-go rejected the configuration of {self.interface}: {name}")
+            raise InternalError(
+                f"wireguard-go rejected the configuration of {self.interface}: {name}"
+            )
         return text
 
     async def configure(self, config: WireGuardConfig, fwmark: int) -> None:
@@ -278,7 +284,9 @@ class WireGuardGo:
         try:
             await asyncio.wait_for(self._exited.wait(), START_TIMEOUT)
         except TimeoutError:
-            logger.warning("wireguard-go pid %d for %s ignored SIGTERM; killing it", self.pid, self.interface)
+            logger.warning(
+                "wireguard-go pid %d for %s ignored SIGTERM; killing it", self.pid, self.interface
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             await self._exited.wait()

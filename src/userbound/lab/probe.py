@@ -56,7 +56,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 def probe_icmp(host: str, port: int, interface: str | None, timeout: float) -> str:
@@ -129,7 +129,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1.0)
     parser.add_argument("--interval", type=float, default=0.01, help="loop: seconds between probes")
     parser.add_argument("--output", help="loop: file that gets one line per probe")
-    parser.add_argument("--session", action="store_true", help="loop: probe over one TCP connection")
+    parser.add_argument(
+        "--session", action="store_true", help="loop: probe over one TCP connection"
+    )
     arguments = parser.parse_args()
     if arguments.kind == "serve":
         serve(arguments.host.split(","), arguments.port)
@@ -137,7 +139,11 @@ def main() -> int:
     if arguments.kind == "loop":
         return probe_loop(arguments)
     try:
-        print(PROBES[arguments.kind](arguments.host, arguments.port, arguments.interface, arguments.timeout))
+        print(
+            PROBES[arguments.kind](
+                arguments.host, arguments.port, arguments.interface, arguments.timeout
+            )
+        )
     except OSError as error:
         print(f"error: {error.strerror or error}")
         return 1
@@ -161,7 +167,9 @@ def probe_loop(arguments: argparse.Namespace) -> int:
                     data = session.recv(64)
                     result = "ok" if data == REPLY else f"error: unexpected reply {data!r}"
                 else:
-                    result = probe_udp(arguments.host, arguments.port, arguments.interface, arguments.timeout)
+                    result = probe_udp(
+                        arguments.host, arguments.port, arguments.interface, arguments.timeout
+                    )
             except OSError as error:
                 result = f"error: {error.strerror or error}"
             output.write(f"{time.time():.3f} {result}\n")

@@ -43,7 +43,9 @@ def run(*argv: str, check: bool = True, input: str | None = None) -> str:
     """Run a command and return its output; failures raise with the command's stderr."""
     result = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
     if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}"
+        )
     return result.stdout
 
 
@@ -121,9 +123,36 @@ class Testbed:
             # Duplicate address detection would hold IPv6 back for a second after each link comes up.
             self._sysctl(namespace, "net.ipv6.conf.default.accept_dad", "0")
             self._sysctl(namespace, "net.ipv6.conf.all.accept_dad", "0")
-        self._link(self.host, "eth0", "10.200.1.2/24", "fd00:200:1::2/64", self.wan, "host0", "10.200.1.1/24", "fd00:200:1::1/64")
-        self._link(self.wan, "vpn0", "10.200.2.1/24", "fd00:200:2::1/64", self.vpn, "eth0", "10.200.2.2/24", "fd00:200:2::2/64")
-        self._link(self.vpn, "priv0", "10.99.0.1/24", "fd00:99::1/64", self.private, "eth0", f"{PRIVATE_V4}/24", f"{PRIVATE_V6}/64")
+        self._link(
+            self.host,
+            "eth0",
+            "10.200.1.2/24",
+            "fd00:200:1::2/64",
+            self.wan,
+            "host0",
+            "10.200.1.1/24",
+            "fd00:200:1::1/64",
+        )
+        self._link(
+            self.wan,
+            "vpn0",
+            "10.200.2.1/24",
+            "fd00:200:2::1/64",
+            self.vpn,
+            "eth0",
+            "10.200.2.2/24",
+            "fd00:200:2::2/64",
+        )
+        self._link(
+            self.vpn,
+            "priv0",
+            "10.99.0.1/24",
+            "fd00:99::1/64",
+            self.private,
+            "eth0",
+            f"{PRIVATE_V4}/24",
+            f"{PRIVATE_V6}/64",
+        )
         for namespace, gateway4, gateway6 in (
             (self.host, "10.200.1.1", "fd00:200:1::1"),
             (self.vpn, "10.200.2.1", "fd00:200:2::1"),
@@ -146,7 +175,9 @@ class Testbed:
     def _link(
         self, a: str, a_name: str, a4: str, a6: str, b: str, b_name: str, b4: str, b6: str
     ) -> None:
-        run("ip", "-n", a, "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b)
+        run(
+            "ip", "-n", a, "link", "add", a_name, "type", "veth", "peer", "name", b_name, "netns", b
+        )
         for namespace, name, v4, v6 in ((a, a_name, a4, a6), (b, b_name, b4, b6)):
             run("ip", "-n", namespace, "addr", "add", v4, "dev", name)
             run("ip", "-n", namespace, "addr", "add", v6, "dev", name, "nodad")
@@ -165,20 +196,27 @@ table inet lab {{
 }}
 """
         run("ip", "netns", "exec", self.wan, "nft", "-f", "-", input=ruleset)
-        tunnel = f"""
-table inet lab {{
-    chain input {{
+        tunnel = """
+table inet lab {
+    chain input {
         type filter hook input priority -300; policy accept;
         ip saddr 10.64.0.0/24 counter name through_tunnel
         ip6 saddr fd00:64::/64 counter name through_tunnel
-    }}
-    counter through_tunnel {{ }}
-}}
+    }
+    counter through_tunnel { }
+}
 """
         run("ip", "netns", "exec", self.private, "nft", "-f", "-", input=tunnel)
 
     def _start_server(self) -> None:
-        self.spawn(self.vpn, "wireguard-go", "-f", self.server_interface, env={"LOG_LEVEL": "error"})
+        self.spawn(
+            self.vpn,
+            "wireguard-go",
+            "-f",
+            self.server_interface,
+            env={"LOG_LEVEL": "error"},
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 5
         socket_path = Path(f"/var/run/wireguard/{self.server_interface}.sock")
         while not socket_path.exists():
@@ -188,9 +226,26 @@ table inet lab {{
         key_file = self.directory / "server.key"
         key_file.write_text(self.server_key.base64() + "\n")
         key_file.chmod(0o600)
-        self._wg("set", self.server_interface, "private-key", str(key_file), "listen-port", str(SERVER_PORT))
+        self._wg(
+            "set",
+            self.server_interface,
+            "private-key",
+            str(key_file),
+            "listen-port",
+            str(SERVER_PORT),
+        )
         run("ip", "-n", self.vpn, "addr", "add", "10.64.0.1/24", "dev", self.server_interface)
-        run("ip", "-n", self.vpn, "addr", "add", "fd00:64::1/64", "dev", self.server_interface, "nodad")
+        run(
+            "ip",
+            "-n",
+            self.vpn,
+            "addr",
+            "add",
+            "fd00:64::1/64",
+            "dev",
+            self.server_interface,
+            "nodad",
+        )
         run("ip", "-n", self.vpn, "link", "set", self.server_interface, "up")
 
     def _wg(self, *argv: str) -> str:
@@ -304,7 +359,7 @@ table inet lab {{
     def start_daemon(self, *extra: str) -> subprocess.Popen[bytes]:
         """Start the userbound daemon in the host namespace and wait until it accepts requests."""
         self.control_socket.unlink(missing_ok=True)
-        log = open(self.directory / "daemon.log", "ab")  # noqa: SIM115 - the process owns it
+        log = open(self.directory / "daemon.log", "ab")
         daemon = self.spawn(
             self.host,
             str(USERBOUND),
@@ -360,7 +415,14 @@ table inet lab {{
         timeout: float = 2.0,
     ) -> str:
         """Run one probe as a uid on the shared machine and return `ok` or `error: ...`."""
-        argv = [sys.executable, "-m", "userbound.lab.probe", kind, host, str(port or PROBE_PORTS[kind])]
+        argv = [
+            sys.executable,
+            "-m",
+            "userbound.lab.probe",
+            kind,
+            host,
+            str(port or PROBE_PORTS[kind]),
+        ]
         argv += ["--timeout", str(timeout)]
         if interface:
             argv += ["--interface", interface]
@@ -407,7 +469,9 @@ table inet lab {{
     # Observing
 
     def _counter(self, namespace: str, name: str) -> int:
-        output = run("ip", "netns", "exec", namespace, "nft", "-j", "list", "counter", "inet", "lab", name)
+        output = run(
+            "ip", "netns", "exec", namespace, "nft", "-j", "list", "counter", "inet", "lab", name
+        )
         for item in json.loads(output)["nftables"]:
             if "counter" in item:
                 return int(item["counter"]["packets"])
@@ -435,8 +499,10 @@ table inet lab {{
                 process.stdout.close()
         for namespace in self.namespaces:
             kill_namespace(namespace)
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"/var/run/wireguard/{self.server_interface}.sock").unlink()
+        # wireguard-go leaves its UAPI socket behind when it is killed.
+        for leftover in Path("/var/run/wireguard").glob(f"ub*{self.id}*.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> Testbed:
@@ -456,4 +522,3 @@ def remove_leftovers(prefix: str) -> list[str]:
             kill_namespace(name)
             removed.append(name)
     return removed
-
