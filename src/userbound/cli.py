@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from userbound import __version__
-from userbound.control import call, socket_path
 from userbound.errors import (
     EXIT_FAILED,
     EXIT_NOT_FOUND,
@@ -25,7 +23,8 @@ from userbound.errors import (
     InvalidRequest,
     UserboundError,
 )
-from userbound.tunnels import NAME_PATTERN
+from userbound.names import NAME_PATTERN
+from userbound.protocol import call, socket_path
 
 EXIT_CODES = f"""\
 exit codes:
@@ -54,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--control-socket",
         metavar="PATH",
-        help="control socket of the daemon (default: $USERBOUND_SOCKET or /run/userbound/control.sock)",
+        help="control socket of the daemon "
+        "(default: $USERBOUND_SOCKET or /run/userbound/control.sock)",
     )
     parser = Parser(
         prog="userbound",
@@ -79,13 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         metavar="DIR",
         default=os.environ.get("USERBOUND_STATE_DIR", "/run/userbound"),
-        help="root-only folder for the tunnel state (default: $USERBOUND_STATE_DIR or /run/userbound)",
+        help="root-only folder for the tunnel state "
+        "(default: $USERBOUND_STATE_DIR or /run/userbound)",
     )
     daemon.add_argument(
         "--data-plane",
         choices=("auto", "kernel", "wireguard-go"),
         default="auto",
-        help="WireGuard implementation: the kernel module if loaded, else wireguard-go (default: auto)",
+        help="WireGuard implementation: the kernel module if loaded, else wireguard-go "
+        "(default: auto)",
     )
     daemon.add_argument(
         "--restart-delay",
@@ -188,6 +190,8 @@ def run_daemon(arguments: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("userbound: the daemon must run as root", file=sys.stderr)
         return EXIT_NOT_PERMITTED
+    import asyncio
+
     from userbound.daemon import run_daemon as run
 
     under_journal = "JOURNAL_STREAM" in os.environ

@@ -1,8 +1,5 @@
-"""The control socket: versioned JSON requests and replies, one per line.
+"""The daemon's side of the control socket (the wire format is in protocol.py).
 
-A request is `{"version": 1, "command": "...", "params": {...}}`.  A reply is
-`{"version": 1, "ok": true, "result": {...}}` or
-`{"version": 1, "ok": false, "error": {"code": "...", "message": "..."}}`.
 The server authorises each request by the peer credentials of the connection
 (SO_PEERCRED), which the kernel fills in and the client cannot forge.
 """
@@ -21,24 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from userbound.errors import (
-    DaemonUnreachable,
-    InternalError,
-    InvalidRequest,
-    UserboundError,
-    error_from_code,
-)
+from userbound.errors import InternalError, InvalidRequest, UserboundError
+from userbound.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = 1
-DEFAULT_SOCKET = "/run/userbound/control.sock"
-MAX_REQUEST_BYTES = 1024 * 1024
-
-
-def socket_path(option: str | None) -> str:
-    """Return the control socket path: the option, else $USERBOUND_SOCKET, else the default."""
-    return option or os.environ.get("USERBOUND_SOCKET") or DEFAULT_SOCKET
 
 
 @dataclass(frozen=True)
@@ -159,7 +142,7 @@ class ControlServer:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # noqa: ASYNC240
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _remove_socket_file(self.path)
         self._server = await asyncio.start_unix_server(
             self._serve, path=self.path, limit=MAX_REQUEST_BYTES
@@ -217,37 +200,3 @@ class ControlServer:
             )
             return _error_reply(InternalError(f"internal error while handling {command!r}"))
         return {"version": PROTOCOL_VERSION, "ok": True, "result": result}
-
-
-def call(path: str, command: str, params: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to the daemon and return its result, raising the error it reports."""
-    request = {"version": PROTOCOL_VERSION, "command": command, "params": params}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as error:
-            raise DaemonUnreachable(
-                f"cannot reach the userbound daemon at {path}: {error.strerror}; "
-                "start it with `userbound daemon` or set --control-socket"
-            ) from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise DaemonUnreachable(
-                    f"the daemon at {path} did not reply within {timeout:.0f} s"
-                ) from None
-            if not chunk:
-                raise DaemonUnreachable(
-                    f"the daemon at {path} closed the connection without a reply"
-                )
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        details = reply.get("error", {})
-        raise error_from_code(str(details.get("code")), str(details.get("message")))
-    result: dict[str, Any] = reply.get("result", {})
-    return result

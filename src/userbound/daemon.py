@@ -30,8 +30,9 @@ from userbound.errors import (
     UserboundError,
 )
 from userbound.firewall import Firewall
+from userbound.names import check_name
 from userbound.routing import TABLE_FIRST, TABLE_LAST, LinkEvents, Routing, close_connections
-from userbound.tunnels import State, StateFile, Tunnel, check_name
+from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
     DataPlane,
     WireGuardGo,
@@ -88,7 +89,7 @@ class Daemon:
     # Lifecycle
 
     async def run(self) -> None:
-        """Adopt what an earlier daemon left, serve requests until SIGTERM or SIGINT, then clean up."""
+        """Adopt what an earlier daemon left, serve until SIGTERM or SIGINT, then clean up."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
@@ -174,6 +175,8 @@ class Daemon:
                 tunnel.removed = True
             for task in self._supervisors.values():
                 task.cancel()
+            if self._link_check is not None:
+                self._link_check.cancel()
             for tunnel in self.tunnels.values():
                 if tunnel.data_plane is not None:
                     await tunnel.data_plane.stop()
@@ -334,7 +337,8 @@ class Daemon:
             raise NotFound(f"no tunnel named {name!r}; `userbound status` lists them")
         if not caller.is_root and tunnel.owner != caller.uid:
             raise NotPermitted(
-                f"tunnel {name!r} belongs to uid {tunnel.owner}; only its owner or root may {action} it"
+                f"tunnel {name!r} belongs to uid {tunnel.owner}; "
+                f"only its owner or root may {action} it"
             )
         return tunnel
 
@@ -475,8 +479,10 @@ class Daemon:
             if caller.is_root or tunnel.owner == caller.uid:
                 device = None
                 if tunnel.data_plane is not None and tunnel.data_plane.alive():
-                    with contextlib.suppress(UserboundError):
+                    try:
                         device = await tunnel.data_plane.read(tunnel.config.private_key)
+                    except UserboundError as error:
+                        logger.warning("cannot read the data plane of %s: %s", tunnel.name, error)
                 described.append(tunnel.details(device))
             else:
                 described.append(tunnel.summary())

@@ -47,7 +47,7 @@ class TunnelRules:
     networks: tuple[IPNetwork, ...]
     fwmark: int
     dns_mark: int = 0
-    ct_mark: int = 0
+    addresses: tuple[IPAddress, ...] = ()
     kill_switch: bool = True
     engaged: bool = True
     dns_servers: tuple[IPAddress, ...] = field(default=())
@@ -218,9 +218,6 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
         {"add": {"table": _table()}},
         _chain("output", type="filter", hook="output", prio=0, policy="accept"),
         _chain("forward", type="filter", hook="forward", prio=0, policy="accept"),
-        _chain("mark-dns", type="route", hook="output", prio=-150, policy="accept"),
-        _chain("nat-output", type="nat", hook="output", prio=-100, policy="accept"),
-        _chain("nat-postrouting", type="nat", hook="postrouting", prio=100, policy="accept"),
         _chain("reject"),
         _rule("reject", _match(_meta("l4proto"), "tcp"), {"reject": {"type": "tcp reset"}}),
         _rule("reject", {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
@@ -235,6 +232,14 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
     for tunnel in tunnels:
         uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
         commands.append({"add": {"set": {**uids, "elem": sorted(tunnel.allowed_uids)}}})
+    if any(t.dns_servers for t in tunnels):
+        # Only DNS redirection needs these chains, and with them connection
+        # tracking, which costs throughput: tunnels without DNS go without.
+        commands += [
+            _chain("mark-dns", type="route", hook="output", prio=-150, policy="accept"),
+            _chain("nat-output", type="nat", hook="output", prio=-100, policy="accept"),
+            _chain("nat-postrouting", type="nat", hook="postrouting", prio=100, policy="accept"),
+        ]
     for tunnel in tunnels:
         commands.extend(_dns_rules(tunnel))
     commands.append(_rule("output", _match(_meta("oifname"), "lo"), {"return": None}))
@@ -250,30 +255,21 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
         )
         # Accept allowed owners, then drop the rest: a "not allowed" match
         # would let through packets that have no socket owner at all.
-        ct_mark = {"ct": {"key": "mark"}}
         if tunnel.engaged:
             commands.append(_rule(via, _uids(tunnel), {"goto": {"target": "reject"}}))
         else:
-            commands.append(
-                _rule(
-                    via,
-                    _uids(tunnel),
-                    {"mangle": {"key": ct_mark, "value": tunnel.ct_mark}},
-                    {"accept": None},
-                )
-            )
-            # A packet that has a socket but was not accepted above belongs to
-            # another user.  One without a socket, such as a TCP ACK sent from
-            # TIME_WAIT, passes only on a connection an allowed uid opened.
-            commands.append(
-                _rule(
-                    via,
-                    _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]}),
-                    {"counter": None},
-                    {"drop": None},
-                )
-            )
-            commands.append(_rule(via, _match(ct_mark, tunnel.ct_mark), {"accept": None}))
+            commands.append(_rule(via, _uids(tunnel), {"accept": None}))
+            # A packet with a socket that was not accepted above belongs to
+            # another user.  One without a socket and with the tunnel's own
+            # source address is the kernel finishing a connection through the
+            # tunnel, such as a TCP ACK sent from TIME_WAIT.
+            any_uid = _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]})
+            commands.append(_rule(via, any_uid, {"counter": None}, {"drop": None}))
+            for version, protocol in ((4, "ip"), (6, "ip6")):
+                own = [str(a) for a in tunnel.addresses if a.version == version]
+                if own:
+                    saddr = {"payload": {"protocol": protocol, "field": "saddr"}}
+                    commands.append(_rule(via, _match(saddr, _values(own)), {"accept": None}))
         commands.append(_rule(via, {"counter": None}, {"drop": None}))
         if tunnel.kill_switch:
             commands.append(_chain(owner))

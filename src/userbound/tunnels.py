@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,7 +21,6 @@ from typing import Any
 
 from userbound import wgconfig
 from userbound.accounts import user_name
-from userbound.errors import InvalidRequest
 from userbound.firewall import TunnelRules
 from userbound.routing import TunnelRoutes, dns_mark
 from userbound.wgconfig import IPNetwork, WireGuardConfig
@@ -30,8 +28,6 @@ from userbound.wireguard import DataPlane, DeviceStatus
 
 logger = logging.getLogger(__name__)
 
-# wg-quick's rule for interface names; Linux allows at most 15 characters.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_=+.-]{1,15}$")
 STATE_FILE_VERSION = 1
 
 
@@ -41,16 +37,6 @@ class State(StrEnum):
     SUSPENDED = "suspended"
     DOWN = "down"
     FAILED = "failed"
-
-
-def check_name(name: str) -> str:
-    """Return the name if it is a valid tunnel (and interface) name."""
-    if not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise InvalidRequest(
-            f"field 'name': {name!r} is not a valid tunnel name; use 1 to 15 letters, digits "
-            "or _=+.- (it becomes the interface name)"
-        )
-    return name
 
 
 def full_tunnel_extras(networks: list[IPNetwork]) -> list[IPNetwork]:
@@ -109,7 +95,7 @@ class Tunnel:
             networks=tuple(self.blocked_networks()),
             fwmark=self.fwmark,
             dns_mark=dns_mark(self.table),
-            ct_mark=self.table,
+            addresses=tuple(a.ip for a in self.config.addresses),
             kill_switch=self.kill_switch,
             engaged=self.state is not State.UP,
             dns_servers=tuple(self.config.dns_servers),

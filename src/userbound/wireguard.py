@@ -385,7 +385,7 @@ def kernel_module_available() -> bool:
 
 
 def new_data_plane(interface: str, *, kind: str = "auto") -> DataPlane:
-    """Create the data plane object for an interface: the kernel module if loaded, else wireguard-go."""
+    """Create the data plane for an interface: the kernel module if loaded, else wireguard-go."""
     if kind == "kernel" or (kind == "auto" and kernel_module_available()):
         return KernelWireGuard(interface)
     return WireGuardGo(interface)

@@ -18,7 +18,7 @@ def tunnel(**changes: Any) -> TunnelRules:
         "networks": NETWORKS,
         "fwmark": 52000,
         "dns_mark": 0x75CB20,
-        "ct_mark": 52000,
+        "addresses": (ipaddress.ip_address("10.64.0.2"),),
         "kill_switch": True,
         "engaged": False,
     }

@@ -9,8 +9,9 @@ import pytest
 from userbound import wgconfig
 from userbound.control import Params, parse_request
 from userbound.errors import InvalidRequest
+from userbound.names import check_name
 from userbound.routing import uid_ranges
-from userbound.tunnels import check_name, full_tunnel_extras
+from userbound.tunnels import full_tunnel_extras
 from userbound.wireguard import parse_uapi_get, uapi_set_request
 
 CONFIG = """\

@@ -120,7 +120,7 @@ class Testbed:
         for namespace in self.namespaces:
             run("ip", "netns", "add", namespace)
             run("ip", "-n", namespace, "link", "set", "lo", "up")
-            # Duplicate address detection would hold IPv6 back for a second after each link comes up.
+            # Duplicate address detection would hold IPv6 back for a second after a link comes up.
             self._sysctl(namespace, "net.ipv6.conf.default.accept_dad", "0")
             self._sysctl(namespace, "net.ipv6.conf.all.accept_dad", "0")
         self._link(
@@ -445,13 +445,14 @@ table inet lab {
         port: int = 7,
         session: bool = False,
         interval: float = 0.01,
+        timeout: float = 0.5,
     ) -> Path:
         """Probe from the shared machine as a uid until destroy(); return the file of results."""
         output = self.directory / f"{label}.log"
         output.touch()
         os.chown(output, uid, uid)
         argv = [sys.executable, "-m", "userbound.lab.probe", "loop", host, str(port)]
-        argv += ["--output", str(output), "--interval", str(interval), "--timeout", "0.5"]
+        argv += ["--output", str(output), "--interval", str(interval), "--timeout", str(timeout)]
         if session:
             argv.append("--session")
         self.spawn(self.host, *argv, uid=uid)
