@@ -9,7 +9,6 @@ change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
