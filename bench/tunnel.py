@@ -124,7 +124,20 @@ def strip_userbound(bed: Testbed, name: str) -> None:
     run(*host, "ip", "route", "add", "10.99.0.0/24", "dev", name)
 
 
-def throughput(bed: Testbed, rounds: int, seconds: int, *, dns: bool) -> dict[str, Any]:
+FIREWALL_NAME = "bench-host-firewall"
+HOST_FIREWALL = """
+table inet bench-host-firewall {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        ct state established,related accept
+    }
+}
+"""
+
+
+def throughput(
+    bed: Testbed, rounds: int, seconds: int, *, dns: bool, stateful_host: bool = False
+) -> dict[str, Any]:
     """Compare iperf3 as the owner through one wireguard-go pair with and without userbound.
 
     Each round measures the tunnel under userbound, then kills the daemon,
@@ -132,8 +145,12 @@ def throughput(bed: Testbed, rounds: int, seconds: int, *, dns: bool) -> dict[st
     same interface in the main table, as wg-quick would, and measures again.
     A restarted daemon adopts the tunnel for the next round.  With dns, the
     configuration has a DNS server, so userbound also redirects the owner's
-    queries, which brings in connection tracking.
+    queries, which brings in connection tracking.  With stateful_host, the
+    shared machine has a stateful firewall of its own, as most machines do,
+    so both sides of the comparison pay for connection tracking.
     """
+    if stateful_host:
+        run("ip", "netns", "exec", bed.host, "nft", "-f", "-", input=HOST_FIREWALL)
     client = bed.add_client()
     config = bed.client_config(client, dns=PRIVATE_V4 if dns else None)
     path = bed.write_config(config, ALICE)
@@ -148,6 +165,8 @@ def throughput(bed: Testbed, rounds: int, seconds: int, *, dns: bool) -> dict[st
         run("ip", "-n", bed.host, "route", "del", "10.99.0.0/24", "dev", name)
         bed.start_daemon()
     assert bed.cli(ALICE, "down", name).returncode == 0
+    if stateful_host:
+        run("ip", "netns", "exec", bed.host, "nft", "delete", "table", "inet", FIREWALL_NAME)
     return {
         "userbound_mbit_s": with_rules,
         "plain_wireguard_go_mbit_s": without,
@@ -183,9 +202,13 @@ def main() -> int:
         print("bench: iperf3 throughput", file=sys.stderr)
         bed.spawn(bed.private, "iperf3", "-s", "-B", PRIVATE_V4)
         time.sleep(0.3)
-        for dns in (False, True):
-            key = "throughput_with_dns" if dns else "throughput"
-            figures[key] = throughput(bed, arguments.iperf_rounds, arguments.iperf_seconds, dns=dns)
+        for key, dns, stateful in (
+            ("throughput", False, False),
+            ("throughput_with_dns", True, False),
+            ("throughput_with_dns_stateful_host", True, True),
+        ):
+            rounds, seconds = arguments.iperf_rounds, arguments.iperf_seconds
+            figures[key] = throughput(bed, rounds, seconds, dns=dns, stateful_host=stateful)
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

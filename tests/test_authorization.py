@@ -116,3 +116,39 @@ def test_daemon_unreachable_exit_code(lab: Lab) -> None:
 
     assert result.returncode == 4
     assert "/nonexistent/control.sock" in result.stderr
+
+
+def test_status_lists_documented_fields(lab: Lab, alice_tunnel: str) -> None:
+    lab.bed.probe(ALICE, "tcp")
+
+    tunnel = json.loads(lab.bed.cli(ALICE, "status", alice_tunnel, "--json").stdout)["tunnels"][0]
+
+    for field in (
+        "name",
+        "owner_uid",
+        "owner_name",
+        "state",
+        "interface",
+        "allowed_uids",
+        "kill_switch",
+        "endpoint",
+        "last_handshake",
+        "rx_bytes",
+        "tx_bytes",
+    ):
+        assert field in tunnel, field
+    assert tunnel["endpoint"] == "10.200.2.2:51820"
+    assert tunnel["last_handshake"] is not None
+    assert tunnel["rx_bytes"] > 0
+    assert tunnel["kill_switch"] is True
+
+
+def test_readable_config_warns(lab: Lab) -> None:
+    path = lab.bed.write_config(lab.bed.client_config(lab.bed.add_client()), ALICE)
+    path.chmod(0o644)
+
+    result = lab.bed.cli(ALICE, "up", str(path), "--name", lab.bed.tunnel_name())
+
+    assert result.returncode == 0, result.stderr
+    assert "readable by other users" in result.stderr
+    assert f"chmod 600 {path}" in result.stderr

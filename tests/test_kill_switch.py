@@ -124,3 +124,23 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.02)
+
+
+def test_failed_restarts_keep_kill_switch(lab: Lab) -> None:
+    lab.stop_daemon()
+    lab.daemon = lab.bed.start_daemon("--restart-delay", "0.5")
+    name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()))
+
+    kill_data_plane(lab, name)
+    # An interface of the same name, taken as soon as the old one is gone,
+    # makes every restart fail.
+    blocker = ["ip", "-n", lab.bed.host, "link", "add", name, "type", "veth", "peer", "name", "blk"]
+    wait_until(lambda: subprocess.run(blocker, capture_output=True, check=False).returncode == 0)
+    lab.wait_for_state(name, "failed")
+    assert_owner_blocked(lab)
+    assert "failed to start" in lab.bed.daemon_log()
+
+    subprocess.run(["ip", "-n", lab.bed.host, "link", "del", name], check=True)
+    lab.wait_for_state(name, "up", timeout=30)
+    assert lab.bed.probe(ALICE, "tcp") == "ok"
+    assert lab.bed.leaked() == 0

@@ -1,6 +1,6 @@
 """The root daemon: owns the tunnels, applies kernel enforcement, serves the control API.
 
-Every change to the tunnels ends in `sync()`, which replaces the nftables table
+Every change to the tunnels ends in `sync()`, which changes the nftables table
 in one transaction and then brings the routing rules and routes in line.  The
 firewall goes first, so a uid that loses access is blocked before its routes
 change.
@@ -41,7 +41,6 @@ from userbound.wireguard import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/run/userbound"
 RESTART_DELAY_FIRST = 1.0
 RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
@@ -266,24 +265,30 @@ class Daemon:
         self._supervisors[tunnel.name] = task
 
     async def _supervisor(self, tunnel: Tunnel, *, start_now: bool) -> None:
-        """Restart the data plane whenever it exits, with growing delays."""
-        delay = self._restart_delay
+        """Restart the data plane whenever it exits."""
         while not tunnel.removed:
             if not start_now:
-                if tunnel.data_plane is not None:
-                    await tunnel.data_plane.wait()
-                async with self._lock:
-                    if tunnel.removed:
-                        return
-                    logger.warning(
-                        "data plane of tunnel %s exited; kill switch engaged, restarting in %.0f s",
-                        tunnel.name,
-                        delay,
-                    )
-                    tunnel.state = State.CONNECTING
-                    await self.sync()
-                await asyncio.sleep(delay)
+                await self._wait_for_exit(tunnel)
+            await self._restart(tunnel, wait_first=not start_now)
             start_now = False
+
+    async def _wait_for_exit(self, tunnel: Tunnel) -> None:
+        if tunnel.data_plane is not None:
+            await tunnel.data_plane.wait()
+        async with self._lock:
+            if tunnel.removed:
+                return
+            logger.warning("data plane of tunnel %s exited; kill switch engaged", tunnel.name)
+            tunnel.state = State.CONNECTING
+            await self.sync()
+
+    async def _restart(self, tunnel: Tunnel, *, wait_first: bool) -> None:
+        """Start the data plane again, waiting longer after each failure, until it runs."""
+        delay = self._restart_delay
+        while not tunnel.removed:
+            if wait_first:
+                await asyncio.sleep(delay)
+            wait_first = True
             async with self._lock:
                 if tunnel.removed:
                     return
@@ -293,20 +298,21 @@ class Daemon:
                     tunnel.failures += 1
                     if tunnel.failures >= FAILURES_BEFORE_FAILED:
                         tunnel.state = State.FAILED
+                    delay = max(min(delay * 2, RESTART_DELAY_MAX), self._restart_delay)
                     logger.error(
-                        "restarting tunnel %s failed (%d in a row): %s",
+                        "data plane of %s failed to start (%d in a row), next try in %.0f s: %s",
                         tunnel.name,
                         tunnel.failures,
+                        delay,
                         error,
                     )
-                    delay = max(min(delay * 2, RESTART_DELAY_MAX), self._restart_delay)
                     await self.sync()
                     continue
                 tunnel.failures = 0
                 tunnel.state = State.UP
-                delay = self._restart_delay
                 await self.sync()
                 logger.info("tunnel %s is up again", tunnel.name)
+                return
 
     # Control API
 

@@ -85,6 +85,8 @@ class Firewall:
         and leaves the rules alone; otherwise it replaces the whole table.
         """
         tunnels = list(tunnels)
+        if tunnels and tunnels == self._applied:
+            return
         if not tunnels:
             self.remove()
         elif _only_uids_differ(self._applied, tunnels):
@@ -176,7 +178,7 @@ def _uids(tunnel: TunnelRules) -> Json:
 
 
 def _only_uids_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
-    if len(old) != len(new) or old == new:
+    if len(old) != len(new):
         return False
     return all(
         dataclasses.replace(a, allowed_uids=b.allowed_uids) == b

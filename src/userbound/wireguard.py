@@ -193,30 +193,40 @@ class WireGuardGo:
                 "wireguard-go is not installed and this kernel has no WireGuard module; "
                 "install the wireguard-go package"
             )
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()  # left by a process that was killed
+        try:
+            self.socket_path.unlink(missing_ok=True)  # left by a process that was killed
+        except OSError as error:
+            raise InternalError(f"cannot remove stale socket {self.socket_path}: {error}") from None
         # A session of its own: a signal to the daemon's process group (Ctrl-C
         # in a terminal) must not stop the data plane before the daemon has
         # moved its traffic behind the kill switch.  Popen returns once the
         # child is forked, and the child is watched through a pidfd, like one
         # adopted from an earlier daemon.
-        process = subprocess.Popen(  # noqa: ASYNC220
-            [program, "-f", self.interface],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"), "LOG_LEVEL": "error"},
-        )
+        try:
+            process = subprocess.Popen(  # noqa: ASYNC220
+                [program, "-f", self.interface],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"), "LOG_LEVEL": "error"},
+            )
+        except OSError as error:
+            raise InternalError(f"cannot start {program}: {error}") from None
         self.pid = process.pid
         self._watch(process.pid)
         deadline = time.monotonic() + START_TIMEOUT
         while not interface_in_use(self.interface):
-            if self._exited.is_set() or time.monotonic() > deadline:
+            if self._exited.is_set():
+                raise InternalError(
+                    f"wireguard-go exited before creating interface {self.interface}; "
+                    "check that no other interface has this name and that /dev/net/tun exists"
+                )
+            if time.monotonic() > deadline:
                 await self.stop()
                 raise InternalError(
-                    f"wireguard-go did not create interface {self.interface} within "
-                    f"{START_TIMEOUT:.0f} s; is /dev/net/tun available?"
+                    f"wireguard-go did not create interface {self.interface} "
+                    f"within {START_TIMEOUT:.0f} s"
                 )
             await asyncio.sleep(0.01)
 
