@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 
 import pytest
 
 from conftest import ALICE, BOB, Lab, kernel_state
-from userbound.lab.testbed import Testbed
+from userbound.lab.testbed import USERBOUND, Testbed
 
 pytestmark = pytest.mark.root
 
@@ -82,3 +83,31 @@ def test_restart_removes_unclaimed_leftovers(lab: Lab) -> None:
     state = kernel_state(lab.bed.host)
     assert "userbound" not in state
     assert "proto 85" not in state
+
+
+def test_shared_state_and_socket_folder(bed: Testbed) -> None:
+    folder = bed.directory / "run"
+    daemon = bed.spawn(
+        bed.host,
+        str(USERBOUND),
+        "daemon",
+        "--control-socket",
+        str(folder / "control.sock"),
+        "--state-dir",
+        str(folder),
+        stderr=subprocess.DEVNULL,
+    )
+    lab = Lab(bed, daemon)
+    config = bed.write_config(bed.client_config(bed.add_client()), ALICE)
+    name = bed.tunnel_name()
+    socket_option = ["--control-socket", str(folder / "control.sock")]
+
+    deadline = time.monotonic() + 20
+    while bed.cli(0, "status", *socket_option).returncode != 0:
+        assert time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.05)
+    result = bed.cli(ALICE, "up", str(config), "--name", name, *socket_option)
+
+    assert result.returncode == 0, result.stderr
+    assert (folder / "tunnels.json").stat().st_mode & 0o777 == 0o600
+    lab.stop_daemon()

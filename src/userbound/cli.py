@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         metavar="DIR",
         default=os.environ.get("USERBOUND_STATE_DIR", "/run/userbound"),
-        help="root-only folder for the tunnel state "
+        help="folder for the tunnel state file, which only root can read "
         "(default: $USERBOUND_STATE_DIR or /run/userbound)",
     )
     daemon.add_argument(

@@ -1,18 +1,19 @@
 """The nftables table that keeps other users out of each tunnel.
 
-userbound owns one table, `inet userbound`.  Every change replaces the whole
-table in a single libnftables transaction, so the kernel always holds either
-the old rules or the new ones.  The rules live in the kernel: they hold while
-the daemon is restarting, hung or killed.
+userbound owns one table, `inet userbound`.  Every change is a single
+libnftables transaction, so the kernel always holds either the old rules or
+the new ones: the whole table is replaced, or only the sets of allowed uids
+are rewritten.  The rules live in the kernel: they hold while the daemon is
+restarting, hung or killed.
 
 For each tunnel the output hook:
 - accepts packets leaving through the tunnel interface only from sockets of
   allowed uids and drops the rest, including packets with no socket owner and
-  sockets bound to the interface with SO_BINDTODEVICE;
-- with the kill switch on, rejects packets of allowed uids to the tunnel's
-  networks that would leave by any other interface;
-- while the tunnel is engaged (not up), rejects every packet of allowed uids to
-  the tunnel's networks, so applications get an error at once;
+  other users' sockets bound to the interface with SO_BINDTODEVICE;
+- while the tunnel is engaged (not up), rejects the allowed uids' packets
+  that would leave through it, so applications get an error at once;
+- with the kill switch on, rejects the allowed uids' packets to the tunnel's
+  networks that would leave by any other interface but loopback;
 - sends the allowed uids' DNS queries to the tunnel's DNS servers.
 The forward hook drops packets routed into or out of a tunnel interface.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -187,6 +187,7 @@ def _only_uids_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
 
 
 def _dport_53() -> list[Json]:
+    # Rules start with these cheap matches so that other packets skip the socket lookup.
     return [
         _match(_meta("l4proto"), {"set": ["udp", "tcp"]}),
         _match({"payload": {"protocol": "th", "field": "dport"}}, 53),
@@ -282,7 +283,7 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
 
 
 def _dns_rules(tunnel: TunnelRules) -> list[Json]:
-    """Send the allowed uids' DNS queries to the tunnel's resolvers, and no elsewhere."""
+    """Send the allowed uids' DNS queries to the tunnel's resolvers and nowhere else."""
     if not tunnel.dns_servers or not (tunnel.kill_switch or not tunnel.engaged):
         return []
     commands = []
@@ -292,7 +293,7 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
         if server is None:
             # No resolver of this family in the tunnel: its queries would leave outside.
             commands.append(
-                _rule("output", _uids(tunnel), family, *_dport_53(), {"goto": {"target": "reject"}})
+                _rule("output", *_dport_53(), family, _uids(tunnel), {"goto": {"target": "reject"}})
             )
             continue
         loopback = ipaddress.ip_network("127.0.0.0/8" if version == 4 else "::1/128")
@@ -302,9 +303,9 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
             commands.append(
                 _rule(
                     "output",
-                    _uids(tunnel),
-                    _match(daddr, _prefix(loopback)),
                     *_dport_53(),
+                    _match(daddr, _prefix(loopback)),
+                    _uids(tunnel),
                     {"goto": {"target": "reject"}},
                 )
             )
@@ -314,23 +315,23 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
         commands.append(
             _rule(
                 "mark-dns",
-                _uids(tunnel),
-                family,
                 *_dport_53(),
+                family,
+                _uids(tunnel),
                 {"mangle": {"key": _meta("mark"), "value": tunnel.dns_mark}},
             )
         )
         commands.append(
             _rule(
                 "nat-output",
-                _uids(tunnel),
+                *_dport_53(),
                 family,
                 _match(daddr, str(server), "!="),
-                *_dport_53(),
+                _uids(tunnel),
                 {"dnat": {"family": protocol, "addr": str(server)}},
             )
         )
-    if any(s.version == 4 for s in tunnel.dns_servers):
+    if tunnel.dns_servers:
         # A redirected query keeps the source address of the route it was
         # sent on (127.0.0.1 for a local stub resolver); the tunnel needs its own.
         commands.append(
@@ -343,7 +344,3 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
         )
     return commands
 
-
-def describe(commands: list[Json]) -> str:
-    """Return the commands as indented JSON, for debugging output."""
-    return json.dumps({"nftables": commands}, indent=1)

@@ -2,8 +2,8 @@
 
 The state file lets a restarted daemon adopt the tunnels an earlier process
 left.  It holds each tunnel's configuration, private key included, so it is
-written mode 0600 in a root-only directory on /run, like the files wg-quick
-reads from /etc/wireguard.
+created with mode 0600, like the files wg-quick reads from /etc/wireguard.
+Its folder stays open to all users: by default it also holds the control socket.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class StateFile:
         self.path = directory / "tunnels.json"
 
     def save(self, tunnels: list[Tunnel]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         temporary = self.path.with_suffix(".tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as stream:

@@ -59,27 +59,38 @@ def run_lab(*, json_output: bool, keep: bool) -> int:
         # A long restart delay keeps the crashed tunnel down while the lab probes it.
         bed.start_daemon("--restart-delay", "30")
         checks = _play(bed)
+        passed = _report(checks, json_output=json_output)
         if keep:
-            _progress(f"lab kept; namespaces {', '.join(bed.namespaces)}; Ctrl-C removes it")
+            _progress(f"lab kept: namespaces {', '.join(bed.namespaces)}; Ctrl-C removes it")
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
         _progress("interrupted; removing the lab")
         return 1
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        print(f"userbound lab: {error}", file=sys.stderr)
+        return 1
     finally:
         bed.destroy()
         signal.signal(signal.SIGTERM, previous)
-    leaked = checks.pop()
-    report = {
-        "checks": [asdict(c) | {"held": c.held} for c in checks],
-        "leaked_packets": int(leaked.result),
-        "passed": all(c.held for c in checks) and leaked.result == "0",
-    }
+    return 0 if passed else 1
+
+
+def _report(checks: list[Check], *, json_output: bool) -> bool:
+    """Print the checks and return whether every expectation held."""
+    leaked = checks[-1]
+    probes = checks[:-1]
+    passed = all(c.held for c in probes) and leaked.result == "0"
     if json_output:
-        print(json.dumps(report, indent=2))
+        report = {
+            "checks": [asdict(c) | {"held": c.held} for c in probes],
+            "leaked_packets": int(leaked.result),
+            "passed": passed,
+        }
+        print(json.dumps(report, indent=2), flush=True)
     else:
-        _print_table(checks, int(leaked.result))
-    return 0 if report["passed"] else 1
+        _print_table(probes, int(leaked.result))
+    return passed
 
 
 def _play(bed: Testbed) -> list[Check]:
