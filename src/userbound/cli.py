@@ -224,6 +224,7 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
         mode = config.stat().st_mode
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"cannot read configuration file {config}: {error}") from None
+
     name = arguments.name
     if name is None:
         name = config.name.removesuffix(".conf")
@@ -234,10 +235,11 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
             )
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         print(
-            f"userbound: warning: {config} is readable by other users and holds a private key; "
+            f"userbound: warning: {config} is readable by other users and contains a private key; "
             f"run: chmod 600 {config}",
             file=sys.stderr,
         )
+
     params: dict[str, Any] = {
         "config": text,
         "name": name,

@@ -516,6 +516,6 @@ async def run_daemon(
     data_plane_kind: str = "auto",
     restart_delay: float = RESTART_DELAY_FIRST,
 ) -> None:
-    """Run the daemon until it is told to stop."""
+    """Run the daemon until SIGTERM or SIGINT."""
     daemon = Daemon(control_socket, state_dir, data_plane_kind, restart_delay)
     await daemon.run()

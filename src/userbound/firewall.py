@@ -1,7 +1,7 @@
 """The nftables table that keeps other users out of each tunnel.
 
 userbound owns one table, `inet userbound`.  Every change is a single
-libnftables transaction, so the kernel always holds either the old rules or
+libnftables transaction, so the kernel always contains either the old rules or
 the new ones: the whole table is replaced, or only the sets of allowed uids
 are rewritten.  The rules live in the kernel: they hold while the daemon is
 restarting, hung or killed.
@@ -40,7 +40,7 @@ Json = dict[str, Any]
 
 @dataclass(frozen=True)
 class TunnelRules:
-    """What the firewall needs to know about one tunnel."""
+    """The firewall's view of one tunnel."""
 
     interface: str
     allowed_uids: frozenset[int]
@@ -343,4 +343,3 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
             )
         )
     return commands
-

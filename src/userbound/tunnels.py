@@ -1,4 +1,4 @@
-"""The tunnel model: what the daemon knows about each tunnel, and how it is stored.
+"""The tunnel model: the daemon's record of each tunnel, and how it is stored.
 
 The state file lets a restarted daemon adopt the tunnels an earlier process
 left.  It holds each tunnel's configuration, private key included, so it is

@@ -54,7 +54,7 @@ class DeviceStatus:
 
 
 class DataPlane(Protocol):
-    """What the daemon needs from a WireGuard implementation."""
+    """The operations the daemon uses on a WireGuard implementation."""
 
     interface: str
     kind: str
@@ -193,10 +193,12 @@ class WireGuardGo:
                 "wireguard-go is not installed and this kernel has no WireGuard module; "
                 "install the wireguard-go package"
             )
+
         try:
             self.socket_path.unlink(missing_ok=True)  # left by a process that was killed
         except OSError as error:
             raise InternalError(f"cannot remove stale socket {self.socket_path}: {error}") from None
+
         # A session of its own: a signal to the daemon's process group (Ctrl-C
         # in a terminal) must not stop the data plane before the daemon has
         # moved its traffic behind the kill switch.  Popen returns once the
@@ -215,6 +217,7 @@ class WireGuardGo:
             raise InternalError(f"cannot start {program}: {error}") from None
         self.pid = process.pid
         self._watch(process.pid)
+
         deadline = time.monotonic() + START_TIMEOUT
         while not interface_in_use(self.interface):
             if self._exited.is_set():
@@ -312,7 +315,7 @@ class KernelWireGuard:
 
     def __init__(self, interface: str) -> None:
         self.interface = interface
-        self._gone = asyncio.Event()
+        self._removed = asyncio.Event()
 
     async def start(self) -> None:
         from pyroute2 import IPRoute
@@ -372,13 +375,13 @@ class KernelWireGuard:
         return status
 
     def alive(self) -> bool:
-        return not self._gone.is_set()
+        return not self._removed.is_set()
 
     def mark_gone(self) -> None:
-        self._gone.set()
+        self._removed.set()
 
     async def wait(self) -> None:
-        await self._gone.wait()
+        await self._removed.wait()
 
     async def stop(self) -> None:
         from pyroute2 import IPRoute
@@ -386,7 +389,7 @@ class KernelWireGuard:
         with IPRoute() as ipr:
             with contextlib.suppress(Exception):
                 ipr.link("del", ifname=self.interface)
-        self._gone.set()
+        self._removed.set()
 
 
 def kernel_module_available() -> bool:

@@ -101,6 +101,7 @@ def _play(bed: Testbed) -> list[Check]:
     result = bed.cli(ALICE, "up", str(path), "--name", name)
     if result.returncode != 0:
         raise RuntimeError(f"userbound up failed: {result.stderr.strip()}")
+
     checks = [
         Check("tunnel up", "alice", "TCP to the private server", "ok"),
         Check("tunnel up", "alice", "UDP to the private server", "ok"),
@@ -119,6 +120,7 @@ def _play(bed: Testbed) -> list[Check]:
         (BOB, "tcp", PRIVATE_V4, name),
         (BOB, "icmp", PRIVATE_V4, name),
     ]
+
     # The public side counts every packet for the private network; bob's
     # packets go there by design, so only the counts around alice's probes add up.
     alice_leaks = 0
@@ -127,6 +129,7 @@ def _play(bed: Testbed) -> list[Check]:
         check.result = bed.probe(uid, kind, host, interface=interface, timeout=1)
         if uid == ALICE:
             alice_leaks += bed.leaked() - before
+
     _progress("the data plane dies: the kill switch must hold")
     subprocess.run(["pkill", "-KILL", "-f", f"wireguard-go -f {name}$"], check=False)
     time.sleep(0.2)

@@ -479,7 +479,8 @@ table inet lab {
         raise RuntimeError(f"counter {name} not found in {namespace}")
 
     def leaked(self) -> int:
-        """Return how many packets for the private network reached the public side."""
+        """Return how many packets for the private network, or DNS queries to the public
+        resolver, reached the public side."""
         return self._counter(self.wan, "leaked")
 
     def through_tunnel(self) -> int:
