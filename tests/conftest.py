@@ -94,6 +94,14 @@ class Lab:
         self.daemon.wait(timeout=30)
 
 
+def data_plane_pids(name: str) -> list[int]:
+    """Return the pids of the wireguard-go processes serving this interface."""
+    result = subprocess.run(
+        ["pgrep", "-f", f"wireguard-go -f {name}$"], capture_output=True, text=True, check=False
+    )
+    return [int(pid) for pid in result.stdout.split()]
+
+
 def kernel_state(namespace: str) -> str:
     """Return the namespace's rules, routes, links and nftables ruleset as text."""
     parts = []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
 from conftest import ALICE, BOB, Lab, kernel_state
 from userbound.errors import EXIT_NOT_FOUND, EXIT_NOT_PERMITTED
+from userbound.lab.testbed import USERBOUND
 
 pytestmark = pytest.mark.root
 
@@ -152,3 +154,24 @@ def test_readable_config_warns(lab: Lab) -> None:
     assert result.returncode == 0, result.stderr
     assert "readable by other users" in result.stderr
     assert f"chmod 600 {path}" in result.stderr
+
+
+def test_socket_option_before_command(lab: Lab) -> None:
+    socket_path = str(lab.bed.control_socket)
+    env_free = [*lab.bed.prefix_command(lab.bed.host, ALICE), "env", "-u", "USERBOUND_SOCKET"]
+
+    before = subprocess.run(
+        [*env_free, str(USERBOUND), "--control-socket", socket_path, "status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    after = subprocess.run(
+        [*env_free, str(USERBOUND), "status", "--control-socket", socket_path],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert before.returncode == 0, before.stderr
+    assert after.returncode == 0, after.stderr

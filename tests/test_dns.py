@@ -54,3 +54,14 @@ def test_tunnel_without_dns_leaves_resolution_alone(lab: Lab) -> None:
     lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client(), dns=None))
 
     assert lab.bed.probe(ALICE, "dns", SYSTEM_RESOLVER) == "error: Connection refused"
+
+
+def test_oldest_dns_tunnel_wins(lab: Lab) -> None:
+    first = lab.bed.client_config(lab.bed.add_client(), "10.99.0.0/25")
+    second = lab.bed.client_config(lab.bed.add_client(), "10.99.0.128/25", dns="10.99.0.130")
+    lab.up_ok(ALICE, first)
+    lab.up_ok(ALICE, second)
+
+    # Nothing answers at 10.99.0.130: the query must go to the first tunnel's resolver.
+    assert lab.bed.probe(ALICE, "dns", SYSTEM_RESOLVER) == "ok"
+    assert lab.bed.leaked() == 0

@@ -133,3 +133,16 @@ def test_full_tunnel_keeps_endpoint_and_blocks_ipv6(lab: Lab) -> None:
     # For everyone else the tunnel does not exist.
     assert lab.bed.probe(BOB, "icmp", "10.200.1.1") == "ok"
     assert lab.bed.probe(BOB, "icmp", "fd00:200:1::1") == "ok"
+
+
+def test_ipv6_endpoint_full_tunnel(lab: Lab) -> None:
+    config = lab.bed.client_config(
+        lab.bed.add_client(), "0.0.0.0/0, ::/0", endpoint="[fd00:200:2::2]:51820"
+    )
+    name = lab.up_ok(ALICE, config)
+
+    assert lab.bed.probe(ALICE, "tcp") == "ok"
+    assert lab.bed.probe(ALICE, "tcp", PRIVATE_V6) == "ok"
+    assert lab.bed.leaked() == 0
+    status = json.loads(lab.bed.cli(ALICE, "status", name, "--json").stdout)["tunnels"][0]
+    assert status["endpoint"] == "[fd00:200:2::2]:51820"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from conftest import ALICE, BOB, Lab
+from conftest import ALICE, BOB, Lab, data_plane_pids
 from userbound.lab.testbed import PRIVATE_V6, TCP_PORT
 
 pytestmark = pytest.mark.root
@@ -27,11 +27,9 @@ IMMEDIATE_ERRORS = (
 
 
 def kill_data_plane(lab: Lab, name: str) -> None:
-    pids = subprocess.run(
-        ["pgrep", "-f", f"wireguard-go -f {name}$"], capture_output=True, text=True, check=False
-    ).stdout.split()
+    pids = data_plane_pids(name)
     assert len(pids) == 1, pids
-    os.kill(int(pids[0]), signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)
 
 
 def set_link(lab: Lab, name: str, state: str) -> None:

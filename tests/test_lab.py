@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
 from userbound.lab import PREFIX
-from userbound.lab.testbed import USERBOUND, run
+from userbound.lab.testbed import USERBOUND, remove_leftovers, run
 
 pytestmark = pytest.mark.root
 
@@ -25,3 +26,20 @@ def test_lab_report_passes() -> None:
     assert all(check["held"] for check in report["checks"])
     assert {c["user"] for c in report["checks"]} == {"alice", "bob"}
     assert PREFIX not in run("ip", "netns", "list")
+
+
+def test_leftovers_of_dead_runs_removed() -> None:
+    dead = "ubtleft-4194304-aa"  # above the kernel's pid_max limit, so never a live pid
+    alive = f"ubtleft-{os.getpid()}-bb"
+    for name in (dead, alive):
+        run("ip", "netns", "add", name)
+    try:
+        removed = remove_leftovers("ubtleft")
+        names = run("ip", "netns", "list")
+
+        assert removed == [dead]
+        assert dead not in names
+        assert alive in names
+    finally:
+        for name in (dead, alive):
+            run("ip", "netns", "delete", name, check=False)

@@ -181,3 +181,15 @@ def test_oversized_request_rejected(busy_lab: Lab) -> None:
 
     assert reply["ok"] is False
     assert snapshot(busy_lab) == before
+
+
+def test_binary_config_rejected(busy_lab: Lab) -> None:
+    before = snapshot(busy_lab)
+    path = busy_lab.bed.write_config("", ALICE, "binary.conf")
+    path.write_bytes(b"\xff\xfe\x00\x01" * 64)
+
+    result = busy_lab.bed.cli(ALICE, "up", str(path), "--name", busy_lab.bed.tunnel_name())
+
+    assert result.returncode == 2
+    assert "not UTF-8 text" in result.stderr
+    assert snapshot(busy_lab) == before

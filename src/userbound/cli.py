@@ -23,7 +23,7 @@ from userbound.errors import (
     InvalidRequest,
     UserboundError,
 )
-from userbound.names import NAME_PATTERN
+from userbound.names import NAME_PATTERN, RESERVED_NAMES
 from userbound.protocol import call, socket_path
 
 EXIT_CODES = f"""\
@@ -50,8 +50,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
+    # SUPPRESS: the option may stand before or after the command, and the
+    # command's parser must not overwrite a value given before it with None.
     common.add_argument(
         "--control-socket",
+        default=argparse.SUPPRESS,
         metavar="PATH",
         help="control socket of the daemon "
         "(default: $USERBOUND_SOCKET or /run/userbound/control.sock)",
@@ -128,15 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the owner's traffic leave outside the tunnel while it is not up",
     )
 
-    down = commands.add_parser("down", parents=[common], help="bring a tunnel down and remove it")
+    down = commands.add_parser(
+        "down",
+        parents=[common],
+        help="bring a tunnel down and remove it",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     down.add_argument("name", metavar="NAME")
 
-    status = commands.add_parser("status", parents=[common], help="show tunnels")
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="show tunnels",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     status.add_argument("name", metavar="NAME", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     allow = commands.add_parser(
-        "allow", parents=[common], help="change which users enter a tunnel (root only)"
+        "allow",
+        parents=[common],
+        help="change which users enter a tunnel (root only)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     allow.add_argument("name", metavar="NAME")
     allow.add_argument("users", metavar="USER", nargs="+", help="user name or uid")
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             from userbound.lab import run_lab
 
             return run_lab(json_output=arguments.json, keep=arguments.keep)
-        path = socket_path(arguments.control_socket)
+        path = socket_path(getattr(arguments, "control_socket", None))
         if arguments.command == "up":
             return command_up(path, arguments)
         if arguments.command == "down":
@@ -206,7 +225,7 @@ def run_daemon(arguments: argparse.Namespace) -> int:
         raise InvalidRequest(f"--restart-delay {arguments.restart_delay} must be above 0 seconds")
     asyncio.run(
         run(
-            socket_path(arguments.control_socket),
+            socket_path(getattr(arguments, "control_socket", None)),
             arguments.state_dir,
             arguments.data_plane,
             arguments.restart_delay,
@@ -222,13 +241,18 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
     try:
         text = config.read_text()
         mode = config.stat().st_mode
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise InvalidRequest(f"cannot read configuration file {config}: {error}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(
+            f"configuration file {config} is not UTF-8 text; give a WireGuard file in "
+            "wg-quick format"
+        ) from None
 
     name = arguments.name
     if name is None:
         name = config.name.removesuffix(".conf")
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
             raise InvalidRequest(
                 f"the file name {config.name!r} does not give a valid tunnel name; "
                 "choose one with --name (1 to 15 letters, digits or _=+.-)"
@@ -274,6 +298,10 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
         print(f"  interface:      {tunnel['interface']} ({tunnel['data_plane']})")
         print(f"  allowed uids:   {' '.join(str(u) for u in tunnel['allowed_uids'])}")
         print(f"  kill switch:    {'on' if tunnel['kill_switch'] else 'off'}")
+        dns = " ".join(tunnel["dns_servers"]) or "-"
+        if tunnel["dns_search"]:
+            dns += " (search domains, not applied: " + " ".join(tunnel["dns_search"]) + ")"
+        print(f"  dns:            {dns}")
         print(f"  endpoint:       {tunnel['endpoint'] or '-'}")
         print(f"  last handshake: {ago}")
         print(f"  transfer:       {tunnel['rx_bytes']} B received, {tunnel['tx_bytes']} B sent")

@@ -9,11 +9,13 @@ change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
     DataPlane,
     WireGuardGo,
+    check_data_plane,
     interface_in_use,
     new_data_plane,
 )
@@ -75,10 +78,11 @@ class Daemon:
         self._restart_delay = restart_delay
         self.tunnels: dict[str, Tunnel] = {}
         self._lock = asyncio.Lock()
-        self._data_plane_kind = data_plane_kind
+        self._data_plane_kind = check_data_plane(data_plane_kind)
         self._firewall = Firewall()
         self._routing = Routing()
-        self._state_file = StateFile(Path(state_dir))
+        self._state_dir = Path(state_dir)
+        self._state_file = StateFile(self._state_dir)
         self._server = ControlServer(control_socket, self.handle)
         self._stopping = asyncio.Event()
         self._supervisors: dict[str, asyncio.Task[None]] = {}
@@ -88,6 +92,45 @@ class Daemon:
 
     async def run(self) -> None:
         """Adopt what an earlier daemon left, serve until SIGTERM or SIGINT, then clean up."""
+        with self._single_instance():
+            await self._run()
+
+    @contextlib.contextmanager
+    def _single_instance(self) -> Iterator[None]:
+        """Hold this network namespace and this state folder for one daemon only.
+
+        A second daemon would replace the first one's rules with its own (none),
+        opening the first one's tunnels to every user.  An abstract Unix socket
+        name belongs to one network namespace and is released when its process
+        dies, so it marks the namespace; a lock file marks the state folder.
+        """
+        marker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            marker.bind("\0userbound-daemon")
+        except OSError:
+            marker.close()
+            raise Conflict(
+                "another userbound daemon runs in this network namespace; "
+                "stop it first (only one daemon may manage a namespace)"
+            ) from None
+        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        lock = open(self._state_dir / "daemon.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            marker.close()
+            raise Conflict(
+                f"another userbound daemon uses the state folder {self._state_dir}; "
+                "stop it or choose another with --state-dir"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.close()
+            marker.close()
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
@@ -214,7 +257,9 @@ class Daemon:
         async with self._lock:
             changed = False
             for tunnel in self.tunnels.values():
-                _, link_up = await self._routing.link_state(tunnel.interface)
+                index, link_up = await self._routing.link_state(tunnel.interface)
+                if index is None and tunnel.data_plane is not None:
+                    tunnel.data_plane.interface_removed()
                 alive = tunnel.data_plane is not None and tunnel.data_plane.alive()
                 if tunnel.state is State.UP and not link_up:
                     logger.warning("interface %s went down; kill switch engaged", tunnel.interface)
@@ -343,7 +388,7 @@ class Daemon:
         if not caller.is_root and tunnel.owner != caller.uid:
             raise NotPermitted(
                 f"tunnel {name!r} belongs to uid {tunnel.owner}; "
-                f"only its owner or root may {action} it"
+                f"only that user or root may {action}"
             )
         return tunnel
 
@@ -436,7 +481,7 @@ class Daemon:
         params.check_known({"name"})
         name = params.string("name", required=True) or ""
         async with self._lock:
-            tunnel = self._owned(name, caller, "bring down")
+            tunnel = self._owned(name, caller, "bring it down")
             tunnel.removed = True
             task = self._supervisors.pop(name, None)
             if task is not None:
@@ -454,7 +499,7 @@ class Daemon:
         add = {resolve_user(u) for u in params.users("add") or []}
         remove = {resolve_user(u) for u in params.users("remove") or []}
         async with self._lock:
-            tunnel = self._owned(name, caller, "change the users of")
+            tunnel = self._owned(name, caller, "change who enters it")
             if not caller.is_root:
                 raise NotPermitted(f"only root may change which users enter tunnel {name!r}")
             if tunnel.owner in remove:

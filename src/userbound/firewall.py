@@ -311,7 +311,9 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
             )
         # The kernel reroutes a packet after NAT without its socket's uid, so
         # the uid rule cannot steer a redirected query: a mark, set on every
-        # packet of the flow, selects the tunnel's table instead.
+        # packet of the flow, selects the tunnel's table instead.  The first
+        # tunnel that admits the uid wins, here as in nat-output, where dnat
+        # ends the chain: a uid in several tunnels with DNS uses the oldest.
         commands.append(
             _rule(
                 "mark-dns",
@@ -319,6 +321,7 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
                 family,
                 _uids(tunnel),
                 {"mangle": {"key": _meta("mark"), "value": tunnel.dns_mark}},
+                {"accept": None},
             )
         )
         commands.append(

@@ -171,7 +171,10 @@ def parse(text: str) -> WireGuardConfig:
             elif lowered in _INTERFACE_KEYS:
                 _store_once(interface, lowered, key, number, value)
             else:
-                raise InvalidConfig(f"line {number}: unknown key {key} in [Interface]")
+                raise InvalidConfig(
+                    f"line {number}: unknown key {key} in [Interface]; expected PrivateKey, "
+                    "Address, DNS, MTU, ListenPort or FwMark"
+                )
         else:
             _, values, allowed = peers[-1]
             if lowered == "allowedips":
@@ -179,7 +182,10 @@ def parse(text: str) -> WireGuardConfig:
             elif lowered in _PEER_KEYS:
                 _store_once(values, lowered, key, number, value)
             else:
-                raise InvalidConfig(f"line {number}: unknown key {key} in [Peer]")
+                raise InvalidConfig(
+                    f"line {number}: unknown key {key} in [Peer]; expected PublicKey, "
+                    "PresharedKey, Endpoint, AllowedIPs or PersistentKeepalive"
+                )
 
     if interface_line is None:
         raise InvalidConfig("missing [Interface] section")

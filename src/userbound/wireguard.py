@@ -67,6 +67,8 @@ class DataPlane(Protocol):
 
     def alive(self) -> bool: ...
 
+    def interface_removed(self) -> None: ...
+
     async def wait(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -254,6 +256,9 @@ class WireGuardGo:
     def alive(self) -> bool:
         return not self._exited.is_set()
 
+    def interface_removed(self) -> None:
+        """Do nothing: wireguard-go exits when its interface is deleted, as the pidfd shows."""
+
     async def wait(self) -> None:
         await self._exited.wait()
 
@@ -306,7 +311,11 @@ class WireGuardGo:
 
 
 class KernelWireGuard:
-    """An interface of the kernel's WireGuard module, configured over generic netlink."""
+    """An interface of the kernel's WireGuard module, configured over generic netlink.
+
+    pyroute2's synchronous API runs an event loop of its own, so every call
+    goes to a worker thread, away from the daemon's loop.
+    """
 
     # NOTE: this backend has not run in the test suite, because the machines
     # it runs on have no WireGuard module; wireguard-go covers the same calls.
@@ -318,15 +327,27 @@ class KernelWireGuard:
         self._removed = asyncio.Event()
 
     async def start(self) -> None:
-        from pyroute2 import IPRoute
+        await asyncio.to_thread(self._create)
 
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=self.interface, kind="wireguard")
+    def _create(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=self.interface, kind="wireguard")
+        except NetlinkError as error:
+            raise InternalError(
+                f"cannot create WireGuard interface {self.interface}: {error}"
+            ) from None
 
     async def configure(self, config: WireGuardConfig, fwmark: int) -> None:
+        endpoints = await resolve_endpoints(config)
+        await asyncio.to_thread(self._configure, config, fwmark, endpoints)
+
+    def _configure(self, config: WireGuardConfig, fwmark: int, endpoints: dict[str, str]) -> None:
         from pyroute2 import WireGuard
 
-        endpoints = await resolve_endpoints(config)
         with WireGuard() as wg:
             wg.set(
                 self.interface,
@@ -351,13 +372,16 @@ class KernelWireGuard:
                 wg.set(self.interface, peer=settings)
 
     async def read(self, private_key: Key) -> DeviceStatus:
+        return await asyncio.to_thread(self._read, private_key)
+
+    def _read(self, private_key: Key) -> DeviceStatus:
         from pyroute2 import WireGuard
 
         with WireGuard() as wg:
             info = wg.info(self.interface)[0]
-        key = info.get_attr("WGDEVICE_A_PRIVATE_KEY")
         status = DeviceStatus(
-            private_key_matches=key is not None and key.encode() == private_key.base64().encode(),
+            private_key_matches=_text(info.get_attr("WGDEVICE_A_PRIVATE_KEY"))
+            == private_key.base64(),
             listen_port=info.get_attr("WGDEVICE_A_LISTEN_PORT"),
             fwmark=info.get_attr("WGDEVICE_A_FWMARK") or 0,
             peers=[],
@@ -366,7 +390,7 @@ class KernelWireGuard:
             handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
             status.peers.append(
                 PeerStatus(
-                    public_key=str(peer.get_attr("WGPEER_A_PUBLIC_KEY")),
+                    public_key=_text(peer.get_attr("WGPEER_A_PUBLIC_KEY")),
                     last_handshake=float(handshake.get("tv_sec") or 0) or None,
                     rx_bytes=peer.get_attr("WGPEER_A_RX_BYTES") or 0,
                     tx_bytes=peer.get_attr("WGPEER_A_TX_BYTES") or 0,
@@ -377,24 +401,51 @@ class KernelWireGuard:
     def alive(self) -> bool:
         return not self._removed.is_set()
 
-    def mark_gone(self) -> None:
+    def interface_removed(self) -> None:
         self._removed.set()
 
     async def wait(self) -> None:
         await self._removed.wait()
 
     async def stop(self) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            with contextlib.suppress(Exception):
-                ipr.link("del", ifname=self.interface)
+        await asyncio.to_thread(self._delete)
         self._removed.set()
+
+    def _delete(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            ipr.link("del", ifname=self.interface)
+
+
+def _text(value: object) -> str:
+    """Return a key attribute as pyroute2 decodes it (str or bytes of base64) as str."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace").strip("\0")
+    return str(value or "")
 
 
 def kernel_module_available() -> bool:
     """Return whether the running kernel has the WireGuard module loaded."""
     return Path("/sys/module/wireguard").is_dir()
+
+
+def check_data_plane(kind: str) -> str:
+    """Return the data plane this kind selects on this machine, or raise if it is missing."""
+    if kind in ("kernel", "auto") and kernel_module_available():
+        return "kernel"
+    if kind == "kernel":
+        raise InternalError(
+            "--data-plane kernel: the WireGuard kernel module is not loaded; "
+            "load it with `modprobe wireguard` or use --data-plane auto"
+        )
+    if shutil.which("wireguard-go") is None:
+        raise InternalError(
+            "wireguard-go is not installed and this kernel has no WireGuard module; "
+            "install the wireguard-go package"
+        )
+    return "wireguard-go"
 
 
 def new_data_plane(interface: str, *, kind: str = "auto") -> DataPlane:

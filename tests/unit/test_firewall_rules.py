@@ -93,6 +93,20 @@ def test_dns_redirected_only_with_servers() -> None:
     assert rules_of(with_dns, "mark-dns")
 
 
+def test_first_dns_tunnel_wins() -> None:
+    first = tunnel(dns_servers=(ipaddress.ip_address("10.99.0.53"),))
+    second = tunnel(
+        interface="home", dns_mark=0x75CB21, dns_servers=(ipaddress.ip_address("10.98.0.53"),)
+    )
+
+    marks = rules_of(build_ruleset([first, second]), "mark-dns")
+    nat = rules_of(build_ruleset([first, second]), "nat-output")
+
+    assert all(rule.endswith('{"accept": null}]') for rule in marks)
+    assert str(0x75CB20) in marks[0]
+    assert "10.99.0.53" in nat[0]
+
+
 def test_forwarding_dropped_both_ways() -> None:
     forward = rules_of(build_ruleset([tunnel(), tunnel(interface="home")]), "forward")
 

@@ -90,7 +90,7 @@ def test_valid_names_accepted(name: str) -> None:
     assert check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "x" * 16, "a b", "a/b", "..", "é"])
+@pytest.mark.parametrize("name", ["", "x" * 16, "a b", "a/b", "..", "é", "all", "default"])
 def test_invalid_names_rejected(name: str) -> None:
     with pytest.raises(InvalidRequest, match="field 'name'"):
         check_name(name)

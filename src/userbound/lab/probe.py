@@ -161,6 +161,9 @@ def probe_loop(arguments: argparse.Namespace) -> int:
         session = socket.create_connection((arguments.host, arguments.port), arguments.timeout)
     with open(arguments.output, "a", buffering=1) as output:
         while True:
+            # Each line carries the time the probe was sent, so that a reply
+            # to a packet sent before some event is not counted after it.
+            sent = time.time()
             try:
                 if session is not None:
                     session.sendall(b"hello\n")
@@ -172,7 +175,7 @@ def probe_loop(arguments: argparse.Namespace) -> int:
                     )
             except OSError as error:
                 result = f"error: {error.strerror or error}"
-            output.write(f"{time.time():.3f} {result}\n")
+            output.write(f"{sent:.3f} {result}\n")
             time.sleep(arguments.interval)
 
 

@@ -87,7 +87,9 @@ class Testbed:
     def __init__(self, prefix: str = "ubt") -> None:
         self.prefix = prefix
         self.id = secrets.token_hex(3)
-        base = f"{prefix}-{self.id}"
+        # The creating process's pid in the name tells leftovers of a dead
+        # run from the namespaces of a run that is still going on.
+        base = f"{prefix}-{os.getpid()}-{self.id}"
         self.host, self.wan, self.vpn, self.private = (
             f"{base}-host",
             f"{base}-wan",
@@ -316,7 +318,7 @@ table inet lab {
         allowed_ips: str = f"{PRIVATE_NET_V4}, {PRIVATE_NET_V6}",
         *,
         dns: str | None = PRIVATE_V4,
-        extra_interface: str = "",
+        endpoint: str = f"10.200.2.2:{SERVER_PORT}",
     ) -> str:
         """Return a wg-quick file for a client, as a VPN provider would hand it out."""
         lines = [
@@ -326,13 +328,11 @@ table inet lab {
         ]
         if dns:
             lines.append(f"DNS = {dns}")
-        if extra_interface:
-            lines.append(extra_interface)
         lines += [
             "",
             "[Peer]",
             f"PublicKey = {public_key(self.server_key).base64()}",
-            f"Endpoint = 10.200.2.2:{SERVER_PORT}",
+            f"Endpoint = {endpoint}",
             f"AllowedIPs = {allowed_ips}",
             "PersistentKeepalive = 25",
         ]
@@ -516,11 +516,15 @@ table inet lab {
 
 
 def remove_leftovers(prefix: str) -> list[str]:
-    """Remove namespaces of earlier runs with this prefix; return their names."""
+    """Remove the namespaces with this prefix whose creating process is gone; return their names."""
     removed = []
     for line in run("ip", "netns", "list").splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(f"{prefix}-"):
-            kill_namespace(name)
-            removed.append(name)
+        if not name.startswith(f"{prefix}-"):
+            continue
+        owner = name.removeprefix(f"{prefix}-").split("-")[0]
+        if owner.isdigit() and Path(f"/proc/{owner}").exists():
+            continue
+        kill_namespace(name)
+        removed.append(name)
     return removed
