@@ -25,6 +25,7 @@ from userbound.errors import (
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
 from userbound.protocol import call, socket_path
+from userbound.wgconfig import MAX_CONFIG_BYTES
 
 EXIT_CODES = f"""\
 exit codes:
@@ -248,6 +249,12 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
             f"configuration file {config} is not UTF-8 text; give a WireGuard file in "
             "wg-quick format"
         ) from None
+
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise InvalidRequest(
+            f"configuration file {config} is larger than {MAX_CONFIG_BYTES} bytes; "
+            "give a WireGuard file in wg-quick format"
+        )
 
     name = arguments.name
     if name is None:

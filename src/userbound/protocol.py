@@ -38,7 +38,10 @@ def call(path: str, command: str, params: dict[str, Any], timeout: float = 60.0)
                 f"cannot reach the userbound daemon at {path}: {error.strerror}; "
                 "start it with `userbound daemon` or set --control-socket"
             ) from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # the daemon stopped reading an oversized request; its reply follows
         data = b""
         while not data.endswith(b"\n"):
             try:
