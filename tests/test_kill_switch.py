@@ -15,7 +15,7 @@ from userbound.lab.testbed import PRIVATE_V6, TCP_PORT
 
 pytestmark = pytest.mark.root
 
-# Errors an application sees when the kill switch rejects its packet, as
+# Errors an application gets when the kill switch rejects its packet, as
 # opposed to "timed out", which would mean the packet went somewhere.
 IMMEDIATE_ERRORS = (
     "error: Network is unreachable",
@@ -113,7 +113,7 @@ def test_without_kill_switch_traffic_leaves(lab: Lab) -> None:
     lab.wait_for_state(name, "down")
     lab.bed.probe(ALICE, "udp", timeout=0.3)
 
-    # The control case: the leak counter sees what the kill switch stops.
+    # The control case: the leak counter counts what the kill switch stops.
     assert lab.bed.leaked() > 0
 
 

@@ -43,7 +43,7 @@ def test_restart_replaces_dead_data_plane(lab: Lab) -> None:
     for pid in data_plane_pids(name):
         os.kill(pid, signal.SIGKILL)
 
-    # Data plane gone, daemon gone: the kill switch holds in the kernel alone.
+    # Data plane gone, daemon gone: the kernel alone keeps the kill switch in force.
     assert lab.bed.probe(ALICE, "tcp") != "ok"
     assert lab.bed.leaked() == 0
 

@@ -72,13 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
 
-    daemon = commands.add_parser(
-        "daemon",
-        parents=[common],
-        help="run the root daemon in the foreground",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command: argparse.ArgumentParser = commands.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return command
+
+    daemon = add_command("daemon", "run the root daemon in the foreground")
     daemon.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -103,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
-    up = commands.add_parser(
-        "up",
-        parents=[common],
-        help="bring up a tunnel from a wg-quick file",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    up = add_command("up", "bring up a tunnel from a wg-quick file")
     up.add_argument(
         "config", metavar="CONF", help="WireGuard configuration file in wg-quick format"
     )
@@ -132,32 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the owner's traffic leave outside the tunnel while it is not up",
     )
 
-    down = commands.add_parser(
-        "down",
-        parents=[common],
-        help="bring a tunnel down and remove it",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    down = add_command("down", "bring a tunnel down and remove it")
     down.add_argument("name", metavar="NAME")
 
-    status = commands.add_parser(
-        "status",
-        parents=[common],
-        help="show tunnels",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    status = add_command("status", "show tunnels")
     status.add_argument("name", metavar="NAME", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON")
 
-    allow = commands.add_parser(
-        "allow",
-        parents=[common],
-        help="change which users enter a tunnel (root only)",
-        epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    allow = add_command("allow", "change which users enter a tunnel (root only)")
     allow.add_argument("name", metavar="NAME")
     allow.add_argument("users", metavar="USER", nargs="+", help="user name or uid")
     allow.add_argument(
