@@ -44,6 +44,7 @@ from userbound.wireguard import (
 
 logger = logging.getLogger(__name__)
 
+NAMESPACE_LOCK_DIR = Path("/run/userbound")
 RESTART_DELAY_FIRST = 1.0
 RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
@@ -100,35 +101,33 @@ class Daemon:
         """Hold this network namespace and this state folder for one daemon only.
 
         A second daemon would replace the first one's rules with its own (none),
-        opening the first one's tunnels to every user.  An abstract Unix socket
-        name belongs to one network namespace and is released when its process
-        dies, so it marks the namespace; a lock file marks the state folder.
+        opening the first one's tunnels to every user.  Each is marked by an
+        flock, which the kernel releases when the process dies.  The namespace
+        lock lives in a root-owned folder, named after the namespace's inode,
+        so that no other user can take it first.
         """
-        marker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            marker.bind("\0userbound-daemon")
-        except OSError:
-            marker.close()
-            raise Conflict(
+        namespace = os.stat("/proc/self/ns/net").st_ino
+        locks = [
+            (
+                NAMESPACE_LOCK_DIR / f"netns-{namespace}.lock",
                 "another userbound daemon runs in this network namespace; "
-                "stop it first (only one daemon may manage a namespace)"
-            ) from None
-        self._state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        lock = open(self._state_dir / "daemon.lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            marker.close()
-            raise Conflict(
+                "stop it first (only one daemon may manage a namespace)",
+            ),
+            (
+                self._state_dir / "daemon.lock",
                 f"another userbound daemon uses the state folder {self._state_dir}; "
-                "stop it or choose another with --state-dir"
-            ) from None
-        try:
+                "stop it or choose another with --state-dir",
+            ),
+        ]
+        with contextlib.ExitStack() as held:
+            for path, message in locks:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                lock = held.enter_context(open(path, "w"))
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise Conflict(message) from None
             yield
-        finally:
-            lock.close()
-            marker.close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
