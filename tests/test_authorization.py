@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -175,3 +176,31 @@ def test_socket_option_before_command(lab: Lab) -> None:
 
     assert before.returncode == 0, before.stderr
     assert after.returncode == 0, after.stderr
+
+
+HOLD_CONNECTIONS = """
+import json, socket, sys
+held = [socket.socket(socket.AF_UNIX) for _ in range(16)]
+for sock in held:
+    sock.connect(sys.argv[1])
+extra = socket.socket(socket.AF_UNIX)
+extra.connect(sys.argv[1])
+extra.sendall(b'{"version": 1, "command": "status"}\\n')
+print(extra.makefile().readline().strip())
+"""
+
+
+def test_connection_limit_per_user(lab: Lab) -> None:
+    script = lab.bed.directory / "hold.py"
+    script.write_text(HOLD_CONNECTIONS)
+    command = [*lab.bed.prefix_command(lab.bed.host, BOB), sys.executable, str(script)]
+
+    result = subprocess.run(
+        [*command, str(lab.bed.control_socket)], capture_output=True, text=True, check=False
+    )
+    reply = json.loads(result.stdout)
+
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "not-permitted"
+    assert "too many open control connections" in reply["error"]["message"]
+    assert lab.bed.cli(BOB, "status").returncode == 0

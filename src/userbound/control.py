@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from userbound.errors import InternalError, InvalidRequest, UserboundError
+from userbound.errors import InternalError, InvalidRequest, NotPermitted, UserboundError
 from userbound.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 30.0  # seconds to send a whole request line
+MAX_CONNECTIONS_PER_UID = 16  # root is not limited
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class ControlServer:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_uid: dict[int, int] = {}
 
     async def start(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -162,12 +166,24 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        caller = _peer_credentials(writer.get_extra_info("socket"))
         self._connections.add(task)
+        self._per_uid[caller.uid] = self._per_uid.get(caller.uid, 0) + 1
         try:
-            caller = _peer_credentials(writer.get_extra_info("socket"))
+            if not caller.is_root and self._per_uid[caller.uid] > MAX_CONNECTIONS_PER_UID:
+                logger.warning("uid %d has too many control connections open", caller.uid)
+                limit = NotPermitted(
+                    f"too many open control connections from uid {caller.uid} (at most "
+                    f"{MAX_CONNECTIONS_PER_UID}); close some and try again"
+                )
+                writer.write(json.dumps(_error_reply(limit)).encode() + b"\n")
+                return
             while True:
                 try:
-                    line = await reader.readline()
+                    # A client that stops sending half-way must not hold the connection forever.
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except TimeoutError:
+                    break
                 except ValueError:
                     reply = _error_reply(
                         InvalidRequest(f"request is larger than {MAX_REQUEST_BYTES} bytes")
@@ -183,6 +199,7 @@ class ControlServer:
             pass
         finally:
             self._connections.discard(task)
+            self._per_uid[caller.uid] -= 1
             writer.close()
 
     async def _dispatch(self, line: bytes, caller: Caller) -> dict[str, Any]:
