@@ -204,3 +204,57 @@ def test_connection_limit_per_user(lab: Lab) -> None:
     assert reply["error"]["code"] == "not-permitted"
     assert "too many open control connections" in reply["error"]["message"]
     assert lab.bed.cli(BOB, "status").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("address", "code", "words"),
+    [
+        ("10.99.0.2/32", 1, "belongs to the networks or endpoint"),
+        ("10.64.0.2/32", 1, "already assigned"),
+        ("10.200.1.5/32", EXIT_NOT_PERMITTED, "reaches directly"),
+        ("198.51.100.7/32", EXIT_NOT_PERMITTED, "not in a private range"),
+    ],
+)
+def test_address_cannot_capture_traffic(
+    lab: Lab, alice_tunnel: str, address: str, code: int, words: str
+) -> None:
+    before = kernel_state(lab.bed.host)
+    client = lab.bed.add_client()
+    config = lab.bed.client_config(client, "10.98.0.0/24", dns=None)
+    config = config.replace(f"{client.address_v4}/24, {client.address_v6}/64", address)
+
+    result = lab.up(BOB, config)
+
+    assert result.returncode == code, result.stderr
+    assert words in result.stderr
+    assert kernel_state(lab.bed.host) == before
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [("FwMark = 0x75cb20", "only root may set it"), ("ListenPort = 53", "privileged")],
+)
+def test_user_settings_limited(lab: Lab, line: str, words: str) -> None:
+    config = lab.bed.client_config(lab.bed.add_client()).replace("[Peer]", f"{line}\n\n[Peer]")
+
+    result = lab.up(BOB, config)
+
+    assert result.returncode == EXIT_NOT_PERMITTED
+    assert words in result.stderr
+
+
+def test_tunnel_address_guarded(lab: Lab, alice_tunnel: str) -> None:
+    assert lab.bed.probe(ALICE, "icmp", "10.64.0.2") == "ok"
+    assert lab.bed.probe(BOB, "icmp", "10.64.0.2").startswith("error")
+    assert lab.bed.probe(BOB, "icmp", "10.200.1.2") == "ok"
+
+
+def test_tunnels_per_user_limited(lab: Lab) -> None:
+    for number in range(8):
+        config = lab.bed.client_config(lab.bed.add_client(), f"10.{100 + number}.0.0/24", dns=None)
+        lab.up_ok(BOB, config)
+
+    ninth = lab.up(BOB, lab.bed.client_config(lab.bed.add_client(), "10.120.0.0/24", dns=None))
+
+    assert ninth.returncode == EXIT_NOT_PERMITTED
+    assert "bring one down first" in ninth.stderr

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import ALICE, BOB, Lab
+from conftest import ALICE, BOB, CAROL, Lab
 
 pytestmark = pytest.mark.root
 
@@ -65,3 +67,34 @@ def test_oldest_dns_tunnel_wins(lab: Lab) -> None:
     # Nothing answers at 10.99.0.130: the query must go to the first tunnel's resolver.
     assert lab.bed.probe(ALICE, "dns", SYSTEM_RESOLVER) == "ok"
     assert lab.bed.leaked() == 0
+
+
+KEEP_QUERYING = """
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((sys.argv[1], 53))
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        sock.send(b"query")
+    except OSError:
+        pass
+    time.sleep(0.05)
+"""
+
+
+def test_flow_older_than_tunnel_blocked(lab: Lab) -> None:
+    # Carol's tunnel turns on connection tracking before alice's flow starts.
+    lab.up_ok(CAROL, lab.bed.client_config(lab.bed.add_client()))
+    script = lab.bed.directory / "keep_querying.py"
+    script.write_text(KEEP_QUERYING)
+    command = [*lab.bed.prefix_command(lab.bed.host, ALICE), sys.executable, str(script)]
+    querying = subprocess.Popen([*command, SYSTEM_RESOLVER, "4"])
+    time.sleep(0.5)
+
+    lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()))
+    after_up = lab.bed.leaked()
+    querying.wait(timeout=20)
+
+    assert after_up > 0  # the flow really ran outside the tunnel before
+    assert lab.bed.leaked() == after_up

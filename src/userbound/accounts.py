@@ -22,12 +22,21 @@ def resolve_user(user: str | int) -> int:
 
     Raises NotFound for a name without a passwd entry.
     """
-    if isinstance(user, int) or user.isdigit():
-        uid = int(user)
-        if not 0 <= uid <= MAX_UID:
-            raise NotFound(f"uid {uid} is outside 0..{MAX_UID}")
-        return uid
+    if isinstance(user, str) and is_uid_text(user):
+        user = int(user)
+    if isinstance(user, int):
+        if not 0 <= user <= MAX_UID:
+            raise NotFound(f"uid {user} is outside 0..{MAX_UID}")
+        return user
     try:
         return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise NotFound(f"user {user!r} not found; give an existing user name or a uid") from None
+    except (KeyError, ValueError):
+        # ValueError: a name with a NUL byte, which no passwd entry can have.
+        raise NotFound(
+            f"user {user[:64]!r} not found; give an existing user name or a uid"
+        ) from None
+
+
+def is_uid_text(text: str) -> bool:
+    """Return whether text is a uid written in ASCII digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 10

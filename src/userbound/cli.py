@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from userbound import __version__
+from userbound.accounts import is_uid_text
 from userbound.errors import (
     EXIT_FAILED,
     EXIT_NOT_FOUND,
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _users(values: list[str]) -> list[str | int]:
-    return [int(v) if v.isdigit() else v for v in values]
+    return [int(v) if is_uid_text(v) else v for v in values]
 
 
 def run_daemon(arguments: argparse.Namespace) -> int:
@@ -257,7 +258,8 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
         "kill_switch": not arguments.no_kill_switch,
     }
     if arguments.owner is not None:
-        params["owner"] = int(arguments.owner) if arguments.owner.isdigit() else arguments.owner
+        owner = arguments.owner
+        params["owner"] = int(owner) if is_uid_text(owner) else owner
     if arguments.allow:
         params["allow"] = _users(arguments.allow)
     result = call(path, "up", params)

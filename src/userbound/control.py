@@ -116,7 +116,9 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     """Decode one request line into its command and parameters."""
     try:
         request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an
+        # integer longer than Python converts (4300 digits by default).
         raise InvalidRequest(f"request is not valid JSON: {error}") from None
     if not isinstance(request, dict):
         raise InvalidRequest("request must be a JSON object")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import signal
@@ -32,7 +33,14 @@ from userbound.errors import (
 )
 from userbound.firewall import Firewall
 from userbound.names import check_name
-from userbound.routing import TABLE_FIRST, TABLE_LAST, LinkEvents, Routing, close_connections
+from userbound.routing import (
+    TABLE_FIRST,
+    TABLE_LAST,
+    LinkEvents,
+    Routing,
+    close_connections,
+    dns_mark,
+)
 from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
     DataPlane,
@@ -40,6 +48,7 @@ from userbound.wireguard import (
     check_data_plane,
     interface_in_use,
     new_data_plane,
+    resolve_endpoints,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,11 @@ NAMESPACE_LOCK_DIR = Path("/run/userbound")
 RESTART_DELAY_FIRST = 1.0
 RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
+MAX_TUNNELS_PER_USER = 8
+PRIVATE_NETWORKS = [
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+]
 
 
 def notify_systemd(message: str) -> None:
@@ -122,7 +136,11 @@ class Daemon:
         with contextlib.ExitStack() as held:
             for path, message in locks:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-                lock = held.enter_context(open(path, "w"))
+                # Mode 0600: flock needs only an open file, so a lock file other
+                # users can read is one they can hold to keep the daemon out.
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.fchmod(descriptor, 0o600)
+                lock = held.enter_context(os.fdopen(descriptor, "w"))
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
@@ -279,12 +297,12 @@ class Daemon:
 
     # Data planes
 
-    async def _start_data_plane(self, tunnel: Tunnel) -> None:
+    async def _start_data_plane(self, tunnel: Tunnel, endpoints: dict[str, str]) -> None:
         data_plane = new_data_plane(tunnel.interface, kind=self._data_plane_kind)
         tunnel.data_plane = data_plane
         try:
             await data_plane.start()
-            await data_plane.configure(tunnel.config, tunnel.fwmark)
+            await data_plane.configure(tunnel.config, tunnel.fwmark, endpoints)
             await self._verify(tunnel, data_plane)
             await self._routing.configure_link(
                 tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=True
@@ -333,12 +351,24 @@ class Daemon:
             if wait_first:
                 await asyncio.sleep(delay)
             wait_first = True
+            # Names are resolved outside the lock: a slow resolver must not
+            # hold up the other tunnels.
+            failure: UserboundError | None = None
+            endpoints: dict[str, str] = {}
+            try:
+                endpoints = await resolve_endpoints(tunnel.config)
+            except UserboundError as error:
+                failure = error
             async with self._lock:
                 if tunnel.removed:
                     return
                 try:
-                    await self._start_data_plane(tunnel)
-                except UserboundError as error:
+                    if failure is not None:
+                        raise failure
+                    await self._start_data_plane(tunnel, endpoints)
+                except Exception as error:
+                    # Any failure, such as running out of file descriptors,
+                    # must lead to another try, never to a supervisor that died.
                     tunnel.failures += 1
                     if tunnel.failures >= FAILURES_BEFORE_FAILED:
                         tunnel.state = State.FAILED
@@ -350,7 +380,10 @@ class Daemon:
                         delay,
                         error,
                     )
-                    await self.sync()
+                    try:
+                        await self.sync()
+                    except Exception:
+                        logger.exception("applying the rules for tunnel %s failed", tunnel.name)
                     continue
                 tunnel.failures = 0
                 tunnel.state = State.UP
@@ -404,6 +437,10 @@ class Daemon:
             raise NotPermitted("only root may let other users into a tunnel (field 'allow')")
         kill_switch = params.boolean("kill_switch", default=True)
         config = wgconfig.parse(text)
+        if not caller.is_root:
+            _check_unprivileged(config)
+        # Resolved before taking the lock: a slow resolver must not hold up other tunnels.
+        endpoints = await resolve_endpoints(config)
 
         async with self._lock:
             tunnel = Tunnel(
@@ -417,11 +454,14 @@ class Daemon:
                 kill_switch=kill_switch,
             )
             tunnel.fwmark = config.fwmark or tunnel.table
+            if not caller.is_root:
+                self._check_quota(owner)
             await self._check_conflicts(tunnel)
+            await self._check_addresses(tunnel, unprivileged=not caller.is_root)
             self.tunnels[name] = tunnel
             try:
                 await self.sync()
-                await self._start_data_plane(tunnel)
+                await self._start_data_plane(tunnel, endpoints)
             except BaseException:
                 tunnel.removed = True
                 del self.tunnels[name]
@@ -440,6 +480,14 @@ class Daemon:
         )
         return {"name": name, "interface": tunnel.interface, "owner_uid": owner}
 
+    def _check_quota(self, owner: int) -> None:
+        count = sum(1 for t in self.tunnels.values() if t.owner == owner)
+        if count >= MAX_TUNNELS_PER_USER:
+            raise NotPermitted(
+                f"uid {owner} already has {count} tunnels, the most a user may have; "
+                "bring one down first (root has no limit)"
+            )
+
     def _free_table(self) -> int:
         used = {t.table for t in self.tunnels.values()}
         for table in range(TABLE_FIRST, TABLE_LAST + 1):
@@ -457,6 +505,51 @@ class Daemon:
                 "namespace); choose another name with --name"
             )
         self._check_overlaps(new)
+        marks = {t.fwmark for t in self.tunnels.values()} | {
+            dns_mark(t.table) for t in self.tunnels.values()
+        }
+        if new.fwmark in marks or dns_mark(new.table) in marks:
+            raise Conflict(
+                f"FwMark {new.fwmark:#x} is already used by another tunnel; remove FwMark "
+                "from the file and userbound chooses one"
+            )
+
+    async def _check_addresses(self, new: Tunnel, *, unprivileged: bool) -> None:
+        """Reject tunnel addresses that would capture traffic meant for someone else.
+
+        An interface address is local for the whole machine: every user's
+        packets to it stay on the machine.  It must not be an address already
+        in use or another tunnel's address, network or endpoint.  A user's
+        tunnel must also use a private range outside the machine's own networks.
+        """
+        local = await self._routing.local_addresses()
+        for address in new.config.addresses:
+            ip = address.ip
+            if ip in local:
+                raise Conflict(f"Address {ip} is already assigned on this machine")
+            for other in self.tunnels.values():
+                endpoints = {p.endpoint.host for p in other.config.peers if p.endpoint}
+                # A full tunnel claims every address; the firewall keeps its
+                # owner's packets away from other tunnels' addresses instead.
+                claimed = [n for n in other.networks() if n.prefixlen > 0]
+                if str(ip) in endpoints or any(ip in n for n in claimed):
+                    raise Conflict(
+                        f"Address {ip} belongs to the networks or endpoint of tunnel "
+                        f"{other.name!r}; a tunnel address must not capture its traffic"
+                    )
+            if not unprivileged:
+                continue
+            if not any(ip in network for network in PRIVATE_NETWORKS):
+                raise NotPermitted(
+                    f"Address {ip} is not in a private range (10/8, 172.16/12, 192.168/16, "
+                    "100.64/10, fc00::/7); only root may give a tunnel another address"
+                )
+            for network in await self._routing.main_networks():
+                if ip in network:
+                    raise NotPermitted(
+                        f"Address {ip} lies in {network}, a network this machine reaches "
+                        "directly; only root may give a tunnel such an address"
+                    )
 
     def _check_overlaps(self, tunnel: Tunnel) -> None:
         """Reject AllowedIPs that overlap those of another tunnel a shared uid enters.
@@ -539,6 +632,20 @@ class Daemon:
             "caller": {"uid": caller.uid, "name": user_name(caller.uid)},
             "tunnels": described,
         }
+
+
+def _check_unprivileged(config: wgconfig.WireGuardConfig) -> None:
+    """Reject settings of a user's file that would reach beyond the user's own traffic."""
+    if config.fwmark is not None:
+        raise NotPermitted(
+            "FwMark selects routing rules for every user's packets; only root may set it. "
+            "Remove it from the file: userbound chooses the data plane's mark"
+        )
+    if config.listen_port is not None and 0 < config.listen_port < 1024:
+        raise NotPermitted(
+            f"ListenPort {config.listen_port} is a privileged port; only root may use ports "
+            "below 1024. Remove ListenPort or choose 1024 or above"
+        )
 
 
 def _is_wireguard_go(pid: int, interface: str) -> bool:

@@ -228,10 +228,19 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
     # The data plane's own packets carry its fwmark, and redirected DNS
     # queries the tunnel's DNS mark, which routes them into the tunnel or to
     # its unreachable routes.  The output hook still shows such a query's
-    # first interface as oifname, so it must not meet the kill switch rules.
-    # Setting a mark needs CAP_NET_ADMIN: no ordinary user can forge one.
-    marks = sorted({t.fwmark for t in tunnels} | {t.dns_mark for t in tunnels if t.dns_servers})
+    # first interface as oifname, so it must not meet the kill switch rules;
+    # a marked query to any other address (a flow tracked before the
+    # redirection existed) goes on to them.  Setting a mark needs
+    # CAP_NET_ADMIN: no ordinary user can forge one.
+    marks = sorted({t.fwmark for t in tunnels})
     commands.append(_rule("output", _match(_meta("mark"), _values(marks)), {"return": None}))
+    for tunnel in tunnels:
+        for version, protocol in ((4, "ip"), (6, "ip6")):
+            servers = [str(s) for s in tunnel.dns_servers if s.version == version][:1]
+            if servers:
+                daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
+                mark = _match(_meta("mark"), tunnel.dns_mark)
+                commands.append(_rule("output", mark, _match(daddr, servers[0]), {"return": None}))
     for tunnel in tunnels:
         uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
         commands.append({"add": {"set": {**uids, "elem": sorted(tunnel.allowed_uids)}}})
@@ -245,6 +254,8 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
         ]
     for tunnel in tunnels:
         commands.extend(_dns_rules(tunnel))
+    for tunnel in tunnels:
+        commands.extend(_local_address_rules(tunnel))
     commands.append(_rule("output", _match(_meta("oifname"), "lo"), {"return": None}))
     interfaces = sorted(t.interface for t in tunnels)
     commands.append(_rule("forward", _match(_meta("oifname"), _values(interfaces)), {"drop": None}))
@@ -263,22 +274,52 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
         else:
             commands.append(_rule(via, _uids(tunnel), {"accept": None}))
             # A packet with a socket that was not accepted above belongs to
-            # another user.  One without a socket and with the tunnel's own
-            # source address is the kernel finishing a connection through the
-            # tunnel, such as a TCP ACK sent from TIME_WAIT.
+            # another user.  A TCP packet without a socket and with the
+            # tunnel's own source address is the kernel finishing a connection
+            # through the tunnel, such as an ACK sent from TIME_WAIT.  Other
+            # packets without a socket (IGMP and MLD reports for groups any
+            # user may join) are dropped.
             any_uid = _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]})
             commands.append(_rule(via, any_uid, {"counter": None}, {"drop": None}))
             for version, protocol in ((4, "ip"), (6, "ip6")):
                 own = [str(a) for a in tunnel.addresses if a.version == version]
                 if own:
                     saddr = {"payload": {"protocol": protocol, "field": "saddr"}}
-                    commands.append(_rule(via, _match(saddr, _values(own)), {"accept": None}))
+                    tcp = _match(_meta("l4proto"), "tcp")
+                    source = _match(saddr, _values(own))
+                    commands.append(_rule(via, tcp, source, {"accept": None}))
         commands.append(_rule(via, {"counter": None}, {"drop": None}))
         if tunnel.kill_switch:
             commands.append(_chain(owner))
             commands.append(_rule("output", _uids(tunnel), {"jump": {"target": owner}}))
             for match in _destination_matches(tunnel.networks):
                 commands.append(_rule(owner, match, {"goto": {"target": "reject"}}))
+    return commands
+
+
+def _local_address_rules(tunnel: TunnelRules) -> list[Json]:
+    """Keep other users' sockets away from the tunnel's own addresses.
+
+    The addresses are local to the whole machine, so without this a listener
+    of the owner on them would receive what other users send there.
+    """
+    local = tunnel.chain("local")
+    commands = [
+        _chain(local),
+        _rule(local, _uids(tunnel), {"return": None}),
+        _rule(
+            local,
+            _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]}),
+            {"goto": {"target": "reject"}},
+        ),
+    ]
+    for version, protocol in ((4, "ip"), (6, "ip6")):
+        own = [str(a) for a in tunnel.addresses if a.version == version]
+        if own:
+            daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
+            commands.append(
+                _rule("output", _match(daddr, _values(own)), {"jump": {"target": local}})
+            )
     return commands
 
 
@@ -296,6 +337,12 @@ def _dns_rules(tunnel: TunnelRules) -> list[Json]:
                 _rule("output", *_dport_53(), family, _uids(tunnel), {"goto": {"target": "reject"}})
             )
             continue
+        if tunnel.kill_switch:
+            # Queries redirected to the resolver returned above; any other
+            # query of this family would leave outside the tunnel.
+            commands.append(
+                _rule("output", *_dport_53(), family, _uids(tunnel), {"goto": {"target": "reject"}})
+            )
         loopback = ipaddress.ip_network("127.0.0.0/8" if version == 4 else "::1/128")
         daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
         if version == 6:

@@ -34,7 +34,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from userbound.errors import InternalError
-from userbound.wgconfig import IPInterface, IPNetwork
+from userbound.wgconfig import IPAddress, IPInterface, IPNetwork
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,27 @@ class Routing:
         if not links:
             return None, False
         return int(links[0]["index"]), bool(links[0]["flags"] & IFF_UP)
+
+    async def local_addresses(self) -> set[IPAddress]:
+        """Return every address assigned to an interface of this namespace."""
+        found: set[IPAddress] = set()
+        async for address in await self._ipr.addr("dump"):
+            value = address.get_attr("IFA_LOCAL") or address.get_attr("IFA_ADDRESS")
+            if value:
+                found.add(ipaddress.ip_address(value.split("%")[0]))
+        return found
+
+    async def main_networks(self) -> list[IPNetwork]:
+        """Return the destinations of the main table's routes, except default routes."""
+        networks: list[IPNetwork] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            async for route in await self._ipr.get_routes(family=family, table=MAIN_TABLE):
+                if route["dst_len"] == 0 or route.get_attr("RTA_TABLE") != MAIN_TABLE:
+                    continue
+                network = ipaddress.ip_network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}")
+                if not network.is_link_local:
+                    networks.append(network)
+        return networks
 
     async def configure_link(
         self, interface: str, addresses: Sequence[IPInterface], mtu: int | None, *, set_up: bool

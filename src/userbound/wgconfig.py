@@ -20,6 +20,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_CONFIG_BYTES = 64 * 1024
+MAX_NETWORKS = 1024  # AllowedIPs entries in one file; each becomes one or two routes
 
 # Keys wg-quick accepts that would run commands or change routing with root rights.
 REJECTED_KEYS = {
@@ -31,6 +32,7 @@ REJECTED_KEYS = {
     "table": "changes the routing tables; userbound chooses the table itself",
 }
 
+_KEY_NAME = re.compile(r"^[A-Za-z]{1,32}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+$")
 
 
@@ -152,9 +154,12 @@ def parse(text: str) -> WireGuardConfig:
                 )
             section = name
             continue
+        # Lines that do not parse are never echoed: they may hold a private key.
         if "=" not in line:
-            raise InvalidConfig(f"line {number}: expected 'Key = Value', got {line!r}")
+            raise InvalidConfig(f"line {number}: expected 'Key = Value'")
         key, value = (part.strip() for part in line.split("=", 1))
+        if not _KEY_NAME.match(key):
+            raise InvalidConfig(f"line {number}: expected 'Key = Value' with a key of letters")
         lowered = key.lower()
         if lowered in REJECTED_KEYS:
             raise InvalidConfig(
@@ -246,6 +251,10 @@ def parse(text: str) -> WireGuardConfig:
                 peer.allowed_ips.append(_network(number, item))
         config.peers.append(peer)
     networks = config.allowed_ips()
+    if sum(len(p.allowed_ips) for p in config.peers) > MAX_NETWORKS:
+        raise InvalidConfig(
+            f"AllowedIPs lists more than {MAX_NETWORKS} networks; merge them into larger ones"
+        )
     for number, value in interface_lists["dns"]:
         for item in _split_list(number, "DNS", value):
             if _is_address(item) and not any(ipaddress.ip_address(item) in n for n in networks):

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 UAPI_DIR = Path("/var/run/wireguard")
 START_TIMEOUT = 5.0
+RESOLVE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -61,7 +62,9 @@ class DataPlane(Protocol):
 
     async def start(self) -> None: ...
 
-    async def configure(self, config: WireGuardConfig, fwmark: int) -> None: ...
+    async def configure(
+        self, config: WireGuardConfig, fwmark: int, endpoints: dict[str, str]
+    ) -> None: ...
 
     async def read(self, private_key: Key) -> DeviceStatus: ...
 
@@ -100,14 +103,18 @@ async def resolve_endpoints(config: WireGuardConfig) -> dict[str, str]:
             continue
         except ValueError:
             pass
+        lookup = loop.getaddrinfo(peer.endpoint.host, peer.endpoint.port, type=socket.SOCK_DGRAM)
         try:
-            infos = await loop.getaddrinfo(
-                peer.endpoint.host, peer.endpoint.port, type=socket.SOCK_DGRAM
-            )
+            infos = await asyncio.wait_for(lookup, RESOLVE_TIMEOUT)
         except socket.gaierror as error:
             raise InvalidConfig(
                 f"line {peer.line}: Endpoint host {peer.endpoint.host!r} could not be "
                 f"resolved ({error.strerror}); check the name or use an address"
+            ) from None
+        except TimeoutError:
+            raise InvalidConfig(
+                f"line {peer.line}: resolving Endpoint host {peer.endpoint.host!r} timed out "
+                f"after {RESOLVE_TIMEOUT:.0f} s; check the name or use an address"
             ) from None
         resolved[peer.public_key.base64()] = _join(str(infos[0][4][0]), peer.endpoint.port)
     return resolved
@@ -286,8 +293,10 @@ class WireGuardGo:
             )
         return text
 
-    async def configure(self, config: WireGuardConfig, fwmark: int) -> None:
-        endpoints = await resolve_endpoints(config)
+    async def configure(
+        self, config: WireGuardConfig, fwmark: int, endpoints: dict[str, str]
+    ) -> None:
+        """Set the whole device configuration; endpoints come resolved, keyed by public key."""
         await self._request(uapi_set_request(config, fwmark, endpoints))
 
     async def read(self, private_key: Key) -> DeviceStatus:
@@ -341,8 +350,9 @@ class KernelWireGuard:
                 f"cannot create WireGuard interface {self.interface}: {error}"
             ) from None
 
-    async def configure(self, config: WireGuardConfig, fwmark: int) -> None:
-        endpoints = await resolve_endpoints(config)
+    async def configure(
+        self, config: WireGuardConfig, fwmark: int, endpoints: dict[str, str]
+    ) -> None:
         await asyncio.to_thread(self._configure, config, fwmark, endpoints)
 
     def _configure(self, config: WireGuardConfig, fwmark: int, endpoints: dict[str, str]) -> None:
