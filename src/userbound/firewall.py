@@ -228,9 +228,9 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
     # The data plane's own packets carry its fwmark, and redirected DNS
     # queries the tunnel's DNS mark, which routes them into the tunnel or to
     # its unreachable routes.  The output hook still shows such a query's
-    # first interface as oifname, so it must not meet the kill switch rules;
-    # a marked query to any other address (a flow tracked before the
-    # redirection existed) goes on to them.  Setting a mark needs
+    # first interface as oifname, so it must not meet the kill switch rules.
+    # A marked query to any other address, from a flow tracked before the
+    # redirection existed, goes on to them.  Setting a mark needs
     # CAP_NET_ADMIN: no ordinary user can forge one.
     marks = sorted({t.fwmark for t in tunnels})
     commands.append(_rule("output", _match(_meta("mark"), _values(marks)), {"return": None}))

@@ -9,7 +9,7 @@ is an allowed uid.
 
 With the kill switch on, the table also holds an `unreachable` route of the
 lowest preference for each network.  The kernel removes the routes through an
-interface when it goes down or away, and the unreachable routes then answer,
+interface when it goes down or away, and the unreachable routes then match,
 so an allowed uid's packet fails at once instead of leaving by the main table.
 
 Everything userbound adds carries the routing protocol number RTPROT_USERBOUND,

@@ -3,7 +3,7 @@
 The state file lets a restarted daemon adopt the tunnels an earlier process
 left.  It holds each tunnel's configuration, private key included, so it is
 created with mode 0600, like the files wg-quick reads from /etc/wireguard.
-Its folder stays open to all users: by default it also holds the control socket.
+Its folder stays open to all users: by default it also contains the control socket.
 """
 
 from __future__ import annotations

@@ -87,8 +87,8 @@ class Testbed:
     def __init__(self, prefix: str = "ubt") -> None:
         self.prefix = prefix
         self.id = secrets.token_hex(3)
-        # The creating process's pid in the name tells leftovers of a dead
-        # run from the namespaces of a run that is still going on.
+        # The creating process's pid in the name distinguishes leftovers of a
+        # dead run from the namespaces of a run that is still going on.
         base = f"{prefix}-{os.getpid()}-{self.id}"
         self.host, self.wan, self.vpn, self.private = (
             f"{base}-host",
