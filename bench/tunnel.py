@@ -185,9 +185,11 @@ def main() -> int:
     parser.add_argument("--iperf-seconds", type=int, default=5, help="length of one iperf3 run")
     parser.add_argument("--output", type=Path, default=RESULTS)
     arguments = parser.parse_args()
+
     if os.geteuid() != 0:
         print("bench/tunnel.py: run as root", file=sys.stderr)
         return 3
+
     figures: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()}",
@@ -199,6 +201,7 @@ def main() -> int:
         figures["up_to_first_packet"] = up_to_first_packet(bed, arguments.rounds)
         print("bench: allowed uid changes", file=sys.stderr)
         figures["allowed_uid_changes"] = allowed_uid_changes(bed, arguments.changes)
+
         print("bench: iperf3 throughput", file=sys.stderr)
         bed.spawn(bed.private, "iperf3", "-s", "-B", PRIVATE_V4)
         time.sleep(0.3)
@@ -209,6 +212,7 @@ def main() -> int:
         ):
             rounds, seconds = arguments.iperf_rounds, arguments.iperf_seconds
             figures[key] = throughput(bed, rounds, seconds, dns=dns, stateful_host=stateful)
+
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

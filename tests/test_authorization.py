@@ -180,8 +180,8 @@ def test_socket_option_before_command(lab: Lab) -> None:
 
 HOLD_CONNECTIONS = """
 import json, socket, sys
-held = [socket.socket(socket.AF_UNIX) for _ in range(16)]
-for sock in held:
+open_sockets = [socket.socket(socket.AF_UNIX) for _ in range(16)]
+for sock in open_sockets:
     sock.connect(sys.argv[1])
 extra = socket.socket(socket.AF_UNIX)
 extra.connect(sys.argv[1])

@@ -208,21 +208,21 @@ class Routing:
         it trusts what the previous call left instead of reading the kernel's
         tables, which only suits changes that no link event can have overtaken.
         """
-        wanted_rules = {rule for t in tunnels for rule in _rules(t)}
+        desired_rules = {rule for t in tunnels for rule in _rules(t)}
         if refresh or self._rules is None:
             self._rules = await self._present_rules()
         # Deletions go first, so a uid that loses access never selects two tables.
-        self._change_rules(self._rules - wanted_rules, sorted(wanted_rules - self._rules))
-        self._rules = wanted_rules
+        self._change_rules(self._rules - desired_rules, sorted(desired_rules - self._rules))
+        self._rules = desired_rules
 
-        wanted_routes = {route for t in tunnels for route in _routes(t)}
+        desired_routes = {route for t in tunnels for route in _routes(t)}
         if refresh or self._routes is None:
             self._routes = await self._present_routes()
-        for route in self._routes - wanted_routes:
+        for route in self._routes - desired_routes:
             await self._route("del", route)
-        for route in wanted_routes - self._routes:
+        for route in desired_routes - self._routes:
             await self._route("add", route)
-        self._routes = wanted_routes
+        self._routes = desired_routes
 
     async def _present_rules(self) -> set[RuleKey]:
         present = set()
