@@ -11,10 +11,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from userbound.lab.logind import PrivateBus, SimulatedLogind
 from userbound.lab.testbed import Testbed, remove_leftovers, run
 
 ALICE = 2001
@@ -44,6 +46,38 @@ def _prerequisites(request: pytest.FixtureRequest) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"this test {missing}, and CI must run every test")
     pytest.skip(f"this test {missing}")
+
+
+def missing_bus_tools() -> None:
+    """Skip a test that needs a private bus when its tools are missing; fail in CI."""
+    missing = None
+    if shutil.which("dbus-daemon") is None:
+        missing = "needs dbus-daemon"
+    else:
+        try:
+            import dbusmock  # noqa: F401
+        except ImportError:
+            missing = "needs python-dbusmock"
+    if missing is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"this test {missing}, and CI must run every test")
+    pytest.skip(f"this test {missing}")
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[PrivateBus]:
+    """A real dbus-daemon with a system-bus configuration, private to the test."""
+    missing_bus_tools()
+    with PrivateBus(tmp_path / "bus") as private_bus:
+        yield private_bus
+
+
+@pytest.fixture
+def logind(bus: PrivateBus) -> Iterator[SimulatedLogind]:
+    """python-dbusmock's logind on the private bus, with nothing signalled by itself."""
+    with SimulatedLogind(bus) as simulated:
+        yield simulated
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,11 +21,13 @@ from userbound.errors import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    DaemonNotRunning,
     InvalidRequest,
     UserboundError,
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
-from userbound.protocol import call, socket_path
+from userbound.protocol import call, socket_path, stream
+from userbound.sessions.model import SOURCES, describe_event
 from userbound.wgconfig import MAX_CONFIG_BYTES
 
 EXIT_CODES = f"""\
@@ -106,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait before restarting a data plane that exited; doubles on each failure, "
         "up to 30 s (default: 1)",
     )
+    daemon.add_argument(
+        "--sessions",
+        choices=SOURCES,
+        default="auto",
+        help="where sessions come from: logind on the system bus ($DBUS_SYSTEM_BUS_ADDRESS), "
+        "or utmp on machines without logind (default: auto, logind where the machine has one)",
+    )
+    daemon.add_argument(
+        "--resync-interval",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="read the whole session state again this often, even without a signal (default: 30)",
+    )
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
     up = add_command("up", "bring up a tunnel from a wg-quick file")
@@ -145,6 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--remove", action="store_true", help="remove these users instead of adding them"
     )
 
+    sessions = add_command(
+        "sessions", "show who uses the machine: each seat's session in front, every session"
+    )
+    sessions.add_argument("--json", action="store_true", help="print JSON")
+    sessions.add_argument(
+        "--follow",
+        action="store_true",
+        help="then print each change as it happens (with --json: one JSON object a line)",
+    )
+    sessions.add_argument(
+        "--direct",
+        action="store_true",
+        help="read logind or utmp in this process instead of asking the daemon "
+        "(what happens anyway when no daemon runs)",
+    )
+    sessions.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="for direct reading: logind, utmp, or auto (default: logind where the machine "
+        "has one)",
+    )
+
     lab = commands.add_parser(
         "lab", help="show who reaches what through a tunnel, in namespaces of its own (root)"
     )
@@ -170,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if arguments.command == "status":
             return command_status(path, arguments)
+        if arguments.command == "sessions":
+            return command_sessions(path, arguments)
         if arguments.command == "allow":
             key = "remove" if arguments.remove else "add"
             result = call(path, "allow", {"name": arguments.name, key: _users(arguments.users)})
@@ -205,12 +246,18 @@ def run_daemon(arguments: argparse.Namespace) -> int:
     )
     if not arguments.restart_delay > 0:
         raise InvalidRequest(f"--restart-delay {arguments.restart_delay} must be above 0 seconds")
+    if not arguments.resync_interval > 0:
+        raise InvalidRequest(
+            f"--resync-interval {arguments.resync_interval} must be above 0 seconds"
+        )
     asyncio.run(
         run(
             socket_path(getattr(arguments, "control_socket", None)),
             arguments.state_dir,
             arguments.data_plane,
             arguments.restart_delay,
+            arguments.sessions,
+            arguments.resync_interval,
         )
     )
     return EXIT_OK
@@ -295,3 +342,125 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
         print(f"  last handshake: {ago}")
         print(f"  transfer:       {tunnel['rx_bytes']} B received, {tunnel['tx_bytes']} B sent")
     return EXIT_OK
+
+
+def command_sessions(path: str, arguments: argparse.Namespace) -> int:
+    if not arguments.direct:
+        try:
+            if not arguments.follow:
+                show_sessions(call(path, "sessions", {}), as_json=arguments.json)
+                return EXIT_OK
+            replies = stream(path, "watch-sessions", {})
+            show_sessions(next(replies), as_json=arguments.json, follow=True)
+            for event in replies:
+                show_event(event, as_json=arguments.json)
+        except DaemonNotRunning:
+            print(f"userbound: no daemon at {path}; reading sessions directly", file=sys.stderr)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        else:
+            return EXIT_OK
+    return sessions_direct(arguments)
+
+
+def sessions_direct(arguments: argparse.Namespace) -> int:
+    """Read sessions in this process, as the daemon would."""
+    import asyncio
+
+    from userbound.sessions import Event, open_monitor
+
+    # The output shows when sessions are unknown, and the reason.
+    logging.basicConfig(level=logging.ERROR, format="userbound: %(message)s")
+
+    async def read() -> None:
+        monitor = await open_monitor(arguments.source)
+        try:
+            show_sessions(
+                monitor.snapshot.to_json(), as_json=arguments.json, follow=arguments.follow
+            )
+            if not arguments.follow:
+                return
+            queue: asyncio.Queue[Event] = asyncio.Queue()
+            monitor.subscribe(queue.put_nowait)
+            while True:
+                show_event((await queue.get()).to_json(), as_json=arguments.json)
+        finally:
+            await monitor.close()
+
+    try:
+        asyncio.run(read())
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = False) -> None:
+    if as_json:
+        if follow:
+            # One object a line: the state first, then one event each.
+            print(json.dumps({"event": "snapshot", "snapshot": snapshot}), flush=True)
+        else:
+            print(json.dumps(snapshot, indent=2))
+        return
+    print(f"source: {snapshot['source']}")
+    if snapshot["state"] == "unknown":
+        print(f"sessions unknown: {snapshot['reason']}", flush=True)
+        return
+    if snapshot["seats"] is None:
+        print("seats: unknown (no logind: switching and locks are not known either)")
+    elif not snapshot["seats"]:
+        print("seats: none")
+    else:
+        rows = [["SEAT", "IN FRONT"]]
+        for seat in snapshot["seats"]:
+            front = "nobody"
+            if seat["active_session"]:
+                front = f"session {seat['active_session']}"
+                if seat["user"] is not None:
+                    front = f"{seat['user']} ({seat['class']}, session {seat['active_session']})"
+            rows.append([seat["id"], front])
+        _print_table(rows)
+    print()
+    if not snapshot["sessions"]:
+        print("no sessions", flush=True)
+        return
+    rows = [["SESSION", "USER", "UID", "SEAT", "VT", "CLASS", "TYPE", "REMOTE", "STATE", "LOCK"]]
+    for session in snapshot["sessions"]:
+        remote = session["remote_host"] or ("yes" if session["remote"] else "-")
+        if session["locked"]:
+            lock = "locked"
+        elif snapshot["seats"] is None:
+            lock = "-"  # utmp does not show locks
+        else:
+            lock = "unlocked"
+        rows.append(
+            [
+                session["id"],
+                session["user"],
+                str(session["uid"]),
+                session["seat"] or "-",
+                str(session["vt"] or "-"),
+                session["class"],
+                session["type"] or "-",
+                remote,
+                session["state"],
+                lock,
+            ]
+        )
+    _print_table(rows)
+    sys.stdout.flush()
+
+
+def show_event(event: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event), flush=True)
+        return
+    moment = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    print(f"{moment} {describe_event(event)}", flush=True)
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,15 @@ class Caller:
         return self.uid == 0
 
 
-Handler = Callable[[str, dict[str, Any], Caller], Awaitable[dict[str, Any]]]
+@dataclass
+class Stream:
+    """A reply that goes on: the result, then events until either side closes."""
+
+    result: dict[str, Any]
+    events: AsyncGenerator[dict[str, Any], None]
+
+
+Handler = Callable[[str, dict[str, Any], Caller], Awaitable[dict[str, Any] | Stream]]
 
 
 class Params:
@@ -187,14 +195,17 @@ class ControlServer:
                 except TimeoutError:
                     break
                 except ValueError:
-                    reply = _error_reply(
+                    too_large = _error_reply(
                         InvalidRequest(f"request is larger than {MAX_REQUEST_BYTES} bytes")
                     )
-                    writer.write(json.dumps(reply).encode() + b"\n")
+                    writer.write(json.dumps(too_large).encode() + b"\n")
                     break
                 if not line:
                     break
                 reply = await self._dispatch(line, caller)
+                if isinstance(reply, Stream):
+                    await self._stream(reply, reader, writer)
+                    break
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -204,11 +215,45 @@ class ControlServer:
             self._per_uid[caller.uid] -= 1
             writer.close()
 
-    async def _dispatch(self, line: bytes, caller: Caller) -> dict[str, Any]:
+    async def _stream(
+        self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Send a stream's result and events until the client closes its end."""
+
+        async def send() -> None:
+            reply = {"version": PROTOCOL_VERSION, "ok": True, "result": stream.result}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+            try:
+                async for event in stream.events:
+                    writer.write(
+                        json.dumps({"version": PROTOCOL_VERSION, "event": event}).encode() + b"\n"
+                    )
+                    await writer.drain()
+            except UserboundError as error:
+                message = {"code": error.code, "message": error.message}
+                writer.write(
+                    json.dumps({"version": PROTOCOL_VERSION, "error": message}).encode() + b"\n"
+                )
+
+        sender = asyncio.create_task(send())
+        # Anything the client sends now, or its end of the connection, ends the stream.
+        closed = asyncio.create_task(reader.read(1))
+        try:
+            await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, closed):
+                task.cancel()
+            await asyncio.gather(sender, closed, return_exceptions=True)
+            await stream.events.aclose()
+
+    async def _dispatch(self, line: bytes, caller: Caller) -> dict[str, Any] | Stream:
         command = "?"
         try:
             command, params = parse_request(line)
             result = await self._handler(command, params, caller)
+            if isinstance(result, Stream):
+                return result
         except UserboundError as error:
             if isinstance(error, InternalError):
                 logger.error("request %s from uid %d failed: %s", command, caller.uid, error)

@@ -16,13 +16,13 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from userbound import __version__, wgconfig
 from userbound.accounts import resolve_user, user_name
-from userbound.control import Caller, ControlServer, Params
+from userbound.control import Caller, ControlServer, Params, Stream
 from userbound.errors import (
     Conflict,
     InternalError,
@@ -41,6 +41,8 @@ from userbound.routing import (
     close_connections,
     dns_mark,
 )
+from userbound.sessions import Event, open_monitor
+from userbound.sessions.monitor import RESYNC_INTERVAL, Monitor
 from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
     DataPlane,
@@ -58,6 +60,7 @@ RESTART_DELAY_FIRST = 1.0
 RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
 MAX_TUNNELS_PER_USER = 8
+MAX_QUEUED_EVENTS = 1000  # per follower of session events; a slower one is dropped
 PRIVATE_NETWORKS = [
     ipaddress.ip_network(n)
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
@@ -88,8 +91,13 @@ class Daemon:
         state_dir: str,
         data_plane_kind: str = "auto",
         restart_delay: float = RESTART_DELAY_FIRST,
+        sessions_source: str = "auto",
+        resync_interval: float = RESYNC_INTERVAL,
     ) -> None:
         self.control_socket = control_socket
+        self._sessions_source = sessions_source
+        self._resync_interval = resync_interval
+        self.sessions: Monitor | None = None
         self._restart_delay = restart_delay
         self.tunnels: dict[str, Tunnel] = {}
         self._lock = asyncio.Lock()
@@ -156,6 +164,9 @@ class Daemon:
         try:
             await self._routing.open()
             await self.restore()
+            self.sessions = await open_monitor(
+                self._sessions_source, resync_interval=self._resync_interval
+            )
             await self._server.start()
             logger.info(
                 "userbound %s ready on %s with %d tunnel(s)",
@@ -171,6 +182,8 @@ class Daemon:
             loop.remove_reader(links.fileno())
             links.close()
             await self._server.close()
+            if self.sessions is not None:
+                await self.sessions.close()
             await self.shutdown()
 
     async def restore(self) -> None:
@@ -393,14 +406,18 @@ class Daemon:
 
     # Control API
 
-    async def handle(self, command: str, params: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    async def handle(
+        self, command: str, params: dict[str, Any], caller: Caller
+    ) -> dict[str, Any] | Stream:
         """Run one control request for a caller."""
-        handlers: dict[str, Callable[[Params, Caller], Awaitable[dict[str, Any]]]] = {
+        handlers: dict[str, Callable[[Params, Caller], Awaitable[dict[str, Any] | Stream]]] = {
             "up": self._up,
             "down": self._down,
             "status": self._status,
             "allow": self._allow,
             "version": self._version,
+            "sessions": self._sessions,
+            "watch-sessions": self._watch_sessions,
         }
         handler = handlers.get(command)
         if handler is None:
@@ -633,6 +650,44 @@ class Daemon:
             "tunnels": described,
         }
 
+    # Sessions: logind's view, readable by every user, as with loginctl.
+
+    def _monitor(self) -> Monitor:
+        assert self.sessions is not None, "the control server starts after the monitor"
+        return self.sessions
+
+    async def _sessions(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known(set())
+        return self._monitor().snapshot.to_json()
+
+    async def _watch_sessions(self, params: Params, caller: Caller) -> Stream:
+        params.check_known(set())
+        monitor = self._monitor()
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(MAX_QUEUED_EVENTS)
+
+        def follow(event: Event) -> None:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                unsubscribe()
+                queue.get_nowait()
+                queue.put_nowait(None)
+
+        unsubscribe = monitor.subscribe(follow)
+
+        async def events() -> AsyncGenerator[dict[str, Any], None]:
+            try:
+                while (event := await queue.get()) is not None:
+                    yield event.to_json()
+                raise Conflict(
+                    f"this follower fell {MAX_QUEUED_EVENTS} session events behind; "
+                    "follow again and read faster"
+                )
+            finally:
+                unsubscribe()
+
+        return Stream(monitor.snapshot.to_json(), events())
+
 
 def _check_unprivileged(config: wgconfig.WireGuardConfig) -> None:
     """Reject settings of a user's file that would reach beyond the user's own traffic."""
@@ -666,7 +721,11 @@ async def run_daemon(
     state_dir: str,
     data_plane_kind: str = "auto",
     restart_delay: float = RESTART_DELAY_FIRST,
+    sessions_source: str = "auto",
+    resync_interval: float = RESYNC_INTERVAL,
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
-    daemon = Daemon(control_socket, state_dir, data_plane_kind, restart_delay)
+    daemon = Daemon(
+        control_socket, state_dir, data_plane_kind, restart_delay, sessions_source, resync_interval
+    )
     await daemon.run()

@@ -73,6 +73,10 @@ class DaemonUnreachable(UserboundError, ConnectionError):
     exit_code = EXIT_UNREACHABLE
 
 
+class DaemonNotRunning(DaemonUnreachable):
+    """Nothing listens on the control socket: no daemon runs there."""
+
+
 ERRORS_BY_CODE: dict[str, type[UserboundError]] = {
     cls.code: cls
     for cls in (InvalidConfig, InvalidRequest, NotPermitted, NotFound, Conflict, InternalError)

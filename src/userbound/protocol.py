@@ -3,8 +3,10 @@
 A request is `{"version": 1, "command": "...", "params": {...}}`.  A reply is
 `{"version": 1, "ok": true, "result": {...}}` or
 `{"version": 1, "ok": false, "error": {"code": "...", "message": "..."}}`.
-Each is one line of JSON.  This module stays free of asyncio and netlink, so
-the CLI starts fast.
+Each is one line of JSON.  A request that follows something (`watch-sessions`)
+gets its reply, then `{"version": 1, "event": {...}}` lines until either side
+closes, or a last `{"version": 1, "error": {...}}` line.  This module stays
+free of asyncio and netlink, so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
-from userbound.errors import DaemonUnreachable, error_from_code
+from userbound.errors import DaemonNotRunning, DaemonUnreachable, error_from_code
 
 PROTOCOL_VERSION = 1
 DEFAULT_SOCKET = "/run/userbound/control.sock"
@@ -28,33 +31,78 @@ def socket_path(option: str | None) -> str:
 
 def call(path: str, command: str, params: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
     """Send one request to the daemon and return its result, raising the error it reports."""
-    request = {"version": PROTOCOL_VERSION, "command": command, "params": params}
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as error:
-            raise DaemonUnreachable(
-                f"cannot reach the userbound daemon at {path}: {error.strerror}; "
-                "start it with `userbound daemon` or set --control-socket"
-            ) from None
-        try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-        except BrokenPipeError:
-            pass  # the daemon stopped reading an oversized request; its reply follows
-        data = b""
-        while not data.endswith(b"\n"):
+    with _connect(path, timeout) as sock:
+        _send(sock, command, params)
+        return _result(_read_line(sock, path, timeout))
+
+
+def stream(
+    path: str, command: str, params: dict[str, Any], timeout: float = 60.0
+) -> Iterator[dict[str, Any]]:
+    """Send a request whose reply goes on: yield its result, then each event the daemon sends."""
+    with _connect(path, timeout) as sock:
+        _send(sock, command, params)
+        with sock.makefile("rb") as lines:
             try:
-                chunk = sock.recv(65536)
+                first = lines.readline()
             except TimeoutError:
                 raise DaemonUnreachable(
                     f"the daemon at {path} did not reply within {timeout:.0f} s"
                 ) from None
-            if not chunk:
+            if not first:
                 raise DaemonUnreachable(
                     f"the daemon at {path} closed the connection without a reply"
                 )
-            data += chunk
+            yield _result(first)
+            sock.settimeout(None)
+            for line in lines:
+                message = json.loads(line)
+                if "error" in message:
+                    details = message["error"]
+                    raise error_from_code(str(details.get("code")), str(details.get("message")))
+                yield message["event"]
+        raise DaemonUnreachable(f"the daemon at {path} closed the connection")
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as error:
+        sock.close()
+        hint = "start it with `userbound daemon` or set --control-socket"
+        message = f"cannot reach the userbound daemon at {path}: {error.strerror}; {hint}"
+        if isinstance(error, FileNotFoundError | ConnectionRefusedError):
+            raise DaemonNotRunning(message) from None
+        raise DaemonUnreachable(message) from None
+    return sock
+
+
+def _send(sock: socket.socket, command: str, params: dict[str, Any]) -> None:
+    request = {"version": PROTOCOL_VERSION, "command": command, "params": params}
+    try:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+    except BrokenPipeError:
+        pass  # the daemon stopped reading an oversized request; its reply follows
+
+
+def _read_line(sock: socket.socket, path: str, timeout: float) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise DaemonUnreachable(
+                f"the daemon at {path} did not reply within {timeout:.0f} s"
+            ) from None
+        if not chunk:
+            raise DaemonUnreachable(f"the daemon at {path} closed the connection without a reply")
+        data += chunk
+    return data
+
+
+def _result(data: bytes) -> dict[str, Any]:
     reply = json.loads(data)
     if not reply.get("ok"):
         details = reply.get("error", {})

@@ -356,7 +356,9 @@ table inet lab {
 
     # userbound itself
 
-    def start_daemon(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start_daemon(
+        self, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start the userbound daemon in the host namespace and wait until it accepts requests."""
         self.control_socket.unlink(missing_ok=True)
         log = open(self.directory / "daemon.log", "ab")
@@ -369,6 +371,7 @@ table inet lab {
             "--state-dir",
             str(self.directory / "state"),
             *extra,
+            env=env,
             stdout=log.fileno(),
             stderr=log.fileno(),
         )

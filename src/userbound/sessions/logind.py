@@ -1,0 +1,315 @@
+"""Sessions from systemd-logind or elogind on the system D-Bus (dbus-fast).
+
+This is the only module that speaks D-Bus to logind.  It reads the snapshot
+with ListSessions, ListSeats and one GetAll per object, and treats every
+signal from login1, and every change of the name's owner, only as a notice to
+read again.  Calls never D-Bus-activate logind (NO_AUTOSTART): a daemon must
+not start a second login manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast.aio import MessageBus
+
+from userbound.sessions.model import Seat, Session, Snapshot, Source
+from userbound.sessions.monitor import Monitor, SourceUnavailable
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_BUS_DEFAULT = "unix:path=/run/dbus/system_bus_socket"
+LOGIN1 = "org.freedesktop.login1"
+LOGIN1_PATH = "/org/freedesktop/login1"
+MANAGER = "org.freedesktop.login1.Manager"
+SESSION = "org.freedesktop.login1.Session"
+SEAT = "org.freedesktop.login1.Seat"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+BUS = "org.freedesktop.DBus"
+CALL_TIMEOUT = 5.0  # seconds for each call
+# Calls in flight at once.  dbus-fast drops the connection when the socket's
+# send buffer fills (its writer treats EAGAIN as fatal), so a snapshot of
+# thousands of sessions must not queue all its calls at once.
+MAX_PENDING_CALLS = 64
+# Errors that mean logind is not on the bus (any more).
+GONE = {
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+}
+# Errors that mean one object vanished between the listing and its read.
+VANISHED = {
+    "org.freedesktop.DBus.Error.UnknownObject",
+    "org.freedesktop.DBus.Error.UnknownMethod",
+    "org.freedesktop.DBus.Error.UnknownInterface",
+    "org.freedesktop.login1.NoSuchSession",
+    "org.freedesktop.login1.NoSuchSeat",
+}
+MATCH_RULES = [
+    *(
+        f"type='signal',sender='{LOGIN1}',interface='{interface}',path_namespace='{LOGIN1_PATH}'"
+        for interface in (PROPERTIES, MANAGER, SESSION)
+    ),
+    f"type='signal',sender='{BUS}',path='/org/freedesktop/DBus',interface='{BUS}',"
+    f"member='NameOwnerChanged',arg0='{LOGIN1}'",
+]
+
+
+class CallFailed(Exception):
+    def __init__(self, name: str, text: str) -> None:
+        super().__init__(f"{name}: {text}")
+        self.name = name
+
+
+def system_bus_address() -> str:
+    """Return the system bus address: $DBUS_SYSTEM_BUS_ADDRESS, else the standard socket."""
+    return os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or SYSTEM_BUS_DEFAULT
+
+
+async def logind_present(address: str | None = None) -> bool:
+    """Return whether the bus has, or can start, a logind."""
+    try:
+        bus = await asyncio.wait_for(
+            MessageBus(bus_address=address or system_bus_address()).connect(), CALL_TIMEOUT
+        )
+    except Exception:
+        return False
+    try:
+        for member in ("ListNames", "ListActivatableNames"):
+            reply = await asyncio.wait_for(
+                bus.call(
+                    Message(
+                        destination=BUS, path="/org/freedesktop/DBus", interface=BUS, member=member
+                    )
+                ),
+                CALL_TIMEOUT,
+            )
+            if reply.message_type is MessageType.METHOD_RETURN and LOGIN1 in reply.body[0]:
+                return True
+        return False
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        bus.disconnect()
+
+
+class LogindMonitor(Monitor):
+    """Follow logind's sessions and seats on the system bus."""
+
+    source = Source.LOGIND
+
+    def __init__(self, bus_address: str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self._address = bus_address
+        self._bus: MessageBus | None = None
+        self._owner = ""
+        self._lost = False
+        self._watch: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
+
+    @property
+    def address(self) -> str:
+        return self._address or system_bus_address()
+
+    async def _open_source(self) -> None:
+        address = self.address
+        bus = MessageBus(bus_address=address)
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await bus.connect()
+        except TimeoutError:
+            raise SourceUnavailable(
+                f"the system bus at {address} did not respond within {CALL_TIMEOUT:.0f} s"
+            ) from None
+        except Exception as error:
+            raise SourceUnavailable(
+                f"cannot connect to the system bus at {address}: {_reason(error)}"
+            ) from None
+        self._bus = bus
+        self._lost = False
+        bus.add_message_handler(self._on_message)
+        try:
+            for rule in MATCH_RULES:
+                await self._call(BUS, "/org/freedesktop/DBus", BUS, "AddMatch", "s", [rule])
+            try:
+                reply = await self._call(
+                    BUS, "/org/freedesktop/DBus", BUS, "GetNameOwner", "s", [LOGIN1]
+                )
+                self._owner = reply[0]
+            except CallFailed as error:
+                if error.name not in GONE:
+                    raise
+                self._owner = ""
+        except (CallFailed, TimeoutError, OSError) as error:
+            raise SourceUnavailable(
+                f"the system bus at {address} rejected the request for logind's owner: "
+                + _reason(error)
+            ) from None
+        self._watch = asyncio.create_task(self._watch_disconnect(bus), name="system bus watch")
+
+    async def _watch_disconnect(self, bus: MessageBus) -> None:
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        if bus is self._bus:
+            self._lost = True
+            self.notice("reconnect")
+
+    async def _close_source(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            bus.disconnect()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _on_message(self, message: Message) -> None:
+        if message.message_type is not MessageType.SIGNAL:
+            return
+        if message.member == "NameOwnerChanged" and message.sender == BUS:
+            if message.body and message.body[0] == LOGIN1:
+                self._owner = message.body[2]
+                logger.info("logind %s the system bus", "joined" if self._owner else "left")
+                self.notice("owner")
+            return
+        path = message.path or ""
+        interface = message.interface or ""
+        if (
+            self._owner
+            and message.sender == self._owner
+            and path.startswith(LOGIN1_PATH)
+            and (interface == PROPERTIES or interface.startswith(LOGIN1 + "."))
+        ):
+            self.notice("signal")
+
+    async def _read_source(self) -> Snapshot:
+        if self._lost:
+            raise SourceUnavailable(f"lost the connection to the system bus at {self.address}")
+        if not self._owner:
+            return Snapshot.unknown(
+                self.source, f"{LOGIN1} has no owner on the system bus at {self.address}"
+            )
+        try:
+            return await self._read_logind()
+        except TimeoutError:
+            return Snapshot.unknown(
+                self.source, f"logind did not respond within {CALL_TIMEOUT:.0f} s"
+            )
+        except CallFailed as error:
+            if self._lost:
+                raise SourceUnavailable(
+                    f"lost the connection to the system bus at {self.address}"
+                ) from None
+            if error.name in GONE:
+                return Snapshot.unknown(self.source, f"logind left the system bus ({error})")
+            return Snapshot.unknown(self.source, f"logind rejected a read: {error}")
+
+    async def _read_logind(self) -> Snapshot:
+        self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
+        (listed_sessions,) = await self._call(LOGIN1, LOGIN1_PATH, MANAGER, "ListSessions")
+        (listed_seats,) = await self._call(LOGIN1, LOGIN1_PATH, MANAGER, "ListSeats")
+        sessions, seats = await asyncio.gather(
+            asyncio.gather(*(self._session(path) for *_, path in listed_sessions)),
+            asyncio.gather(*(self._seat(path) for _, path in listed_seats)),
+        )
+        return Snapshot.build(
+            self.source,
+            (s for s in sessions if s is not None),
+            (s for s in seats if s is not None),
+        )
+
+    # Each object becomes a model object as soon as it is read, so a read of
+    # thousands of sessions never keeps all their property maps at once.
+
+    async def _session(self, path: str) -> Session | None:
+        properties = await self._properties(path, SESSION)
+        return None if properties is None else _session(properties)
+
+    async def _seat(self, path: str) -> Seat | None:
+        properties = await self._properties(path, SEAT)
+        return None if properties is None else _seat(properties)
+
+    async def _properties(self, path: str, interface: str) -> dict[str, Any] | None:
+        try:
+            async with self._slots:
+                (properties,) = await self._call(
+                    LOGIN1, path, PROPERTIES, "GetAll", "s", [interface]
+                )
+        except CallFailed as error:
+            if error.name in VANISHED:
+                return None  # it ended after the listing; the next read will not list it
+            raise
+        return {key: variant.value for key, variant in properties.items()}
+
+    async def _call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+    ) -> list[Any]:
+        bus = self._bus
+        if bus is None or self._lost:
+            raise CallFailed("org.freedesktop.DBus.Error.Disconnected", "not connected")
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+            flags=MessageFlag.NO_AUTOSTART,
+        )
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                reply = await bus.call(message)
+        except TimeoutError:
+            raise
+        except Exception as error:
+            raise CallFailed("org.freedesktop.DBus.Error.Disconnected", _reason(error)) from None
+        if reply.message_type is MessageType.ERROR:
+            text = reply.body[0] if reply.body else ""
+            raise CallFailed(str(reply.error_name), str(text))
+        return list(reply.body)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def _session(p: dict[str, Any]) -> Session:
+    uid, _ = p.get("User", (0, "/"))
+    seat, _ = p.get("Seat", ("", "/"))
+    vt = int(p.get("VTNr", 0))
+    return Session(
+        id=str(p.get("Id", "")),
+        uid=int(uid),
+        user=str(p.get("Name", "")),
+        seat=str(seat),
+        vt=vt or None,
+        session_class=str(p.get("Class", "")),
+        type=str(p.get("Type", "")),
+        remote=bool(p.get("Remote", False)),
+        remote_host=str(p.get("RemoteHost", "")),
+        service=str(p.get("Service", "")),
+        state=str(p.get("State", "")),
+        active=bool(p.get("Active", False)),
+        locked=bool(p.get("LockedHint", False)),
+        idle=bool(p.get("IdleHint", False)),
+        leader=int(p.get("Leader", 0)),
+        tty=str(p.get("TTY", "")),
+    )
+
+
+def _seat(p: dict[str, Any]) -> Seat:
+    active, _ = p.get("ActiveSession", ("", "/"))
+    return Seat(id=str(p.get("Id", "")), active_session=str(active))

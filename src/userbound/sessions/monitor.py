@@ -1,0 +1,190 @@
+"""The loop every session source shares: read, publish, sleep until something changes.
+
+A source never applies a notice to its view.  A notice (a D-Bus signal, an
+inotify event) only makes the monitor read a whole snapshot again, once for a
+burst of notices.  A slow periodic read catches changes that came with no
+notice.  Between reads the monitor sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from userbound.sessions.model import Event, EventKind, Snapshot, Source, derive_events
+
+logger = logging.getLogger(__name__)
+
+RESYNC_INTERVAL = 30.0  # seconds between reads when no notice arrives
+DEBOUNCE = 0.005  # a burst ends after this long without a notice...
+MAX_DELAY = 0.1  # ...or this long after its first notice
+RETRY_FIRST = 0.5  # seconds before the first attempt to reopen a lost source
+RETRY_MAX = 30.0
+
+Subscriber = Callable[[Event], None]
+
+
+class SourceUnavailable(Exception):
+    """Raised when the source cannot be read; the message gives the reason."""
+
+
+class Monitor:
+    """Keep a current `Snapshot` of one source and tell subscribers what changes."""
+
+    source: Source
+
+    def __init__(
+        self,
+        *,
+        resync_interval: float = RESYNC_INTERVAL,
+        debounce: float = DEBOUNCE,
+        max_delay: float = MAX_DELAY,
+        retry_first: float = RETRY_FIRST,
+        retry_max: float = RETRY_MAX,
+    ) -> None:
+        self.resync_interval = resync_interval
+        self._debounce = debounce
+        self._max_delay = max_delay
+        self._retry_first = retry_first
+        self._retry_max = retry_max
+        self._snapshot = Snapshot.unknown(self.source, "not read yet")
+        self._last_known: Snapshot | None = None
+        self._generation = 0
+        self._subscribers: list[Subscriber] = []
+        self._notice = asyncio.Event()
+        self._notice_time: float | None = None
+        self._notice_cause = "signal"
+        self._first = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._reading = False
+        self.reads = 0  # snapshots read so far, for tests and benchmarks
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @property
+    def pending(self) -> bool:
+        """Whether a read is running, or a notice arrived after the last read started."""
+        return self._reading or self._notice_time is not None
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call subscriber with every event from now on; return the function that stops it."""
+        self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    async def start(self) -> None:
+        """Start following the source; return once the first snapshot is read."""
+        self._task = asyncio.create_task(self._run(), name=f"{self.source.value} monitor")
+        await self._first.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._close_source()
+
+    def notice(self, cause: str = "signal") -> None:
+        """Something may have changed: read a new snapshot soon."""
+        if self._notice_time is None:
+            self._notice_time = time.monotonic()
+            self._notice_cause = cause
+        self._notice.set()
+
+    # What each source provides
+
+    async def _open_source(self) -> None:
+        """Connect to the source; raise SourceUnavailable when it cannot be reached."""
+        raise NotImplementedError
+
+    async def _read_source(self) -> Snapshot:
+        """Read a whole snapshot; raise SourceUnavailable when the source is lost."""
+        raise NotImplementedError
+
+    async def _close_source(self) -> None:
+        raise NotImplementedError
+
+    # The loop
+
+    async def _run(self) -> None:
+        delay = self._retry_first
+        cause = "start"
+        while True:
+            try:
+                await self._open_source()
+                delay = self._retry_first
+                while True:
+                    signal_time = self._notice_time
+                    self._notice_time = None
+                    self._notice.clear()
+                    self._reading = True
+                    try:
+                        snapshot = await self._read_source()
+                    finally:
+                        self._reading = False
+                    self.reads += 1
+                    self._publish(replace(snapshot, cause=cause, signal_time=signal_time))
+                    cause = await self._wait_for_notice()
+            except SourceUnavailable as error:
+                await self._close_source()
+                self._publish(Snapshot.unknown(self.source, str(error)))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                cause = "reconnect"
+
+    async def _wait_for_notice(self) -> str:
+        """Sleep until a burst of notices ends or the resync interval passes."""
+        try:
+            async with asyncio.timeout(self.resync_interval):
+                await self._notice.wait()
+        except TimeoutError:
+            return "resync"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_delay
+        while (remaining := deadline - loop.time()) > 0:
+            self._notice.clear()
+            try:
+                async with asyncio.timeout(min(self._debounce, remaining)):
+                    await self._notice.wait()
+            except TimeoutError:
+                break
+        return self._notice_cause
+
+    def _publish(self, snapshot: Snapshot) -> None:
+        self._generation += 1
+        snapshot = replace(snapshot, generation=self._generation)
+        before = self._snapshot
+        first = not self._first.is_set()
+        events: list[Event] = []
+        if snapshot.known:
+            if not before.known and not first:
+                logger.info("sessions known again from %s", self.source.value)
+                events.append(Event(EventKind.SESSIONS_KNOWN, snapshot))
+            events += derive_events(self._last_known, snapshot)
+            self._last_known = snapshot
+        else:
+            if before.known or first or before.reason != snapshot.reason:
+                # Each reason is logged once, however often the same attempt fails.
+                logger.warning("sessions unknown: %s", snapshot.reason)
+            if before.known and not first:
+                events.append(Event(EventKind.SESSIONS_UNKNOWN, snapshot))
+        self._snapshot = snapshot
+        self._first.set()
+        for event in events:
+            logger.debug("%s", event.describe())
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber(event)
+                except Exception:
+                    logger.exception("a session event subscriber failed")

@@ -1,0 +1,132 @@
+"""Sessions from utmp, for machines without logind, watched with inotify.
+
+utmp lists logins with their terminal and remote host, nothing more: seats,
+switching and locks are unknown in this mode, and snapshots say so
+(`seats_known` is false).  An entry whose process is gone is stale and is
+left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import os
+import pwd
+import struct
+from pathlib import Path
+from typing import Any
+
+from userbound.sessions.model import Session, Snapshot, Source
+from userbound.sessions.monitor import Monitor, SourceUnavailable
+
+UTMP_PATH = "/run/utmp"
+USER_PROCESS = 7
+# struct utmp of glibc on 64-bit Linux (also on x86_64 with 32-bit times).
+RECORD = struct.Struct("<hxxi32s4s32s256shhi2i16s20x")
+
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+
+
+def read_utmp(path: str) -> list[Session]:
+    """Return the live logins in a utmp file; raise OSError when it cannot be read."""
+    data = Path(path).read_bytes()
+    sessions = []
+    for offset in range(0, len(data) - RECORD.size + 1, RECORD.size):
+        kind, pid, line, _, user, host, *_ = RECORD.unpack_from(data, offset)
+        if kind != USER_PROCESS or pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+            continue
+        name = _text(user)
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue  # utmp names only; a name without an account has no uid to bind
+        tty = _text(line)
+        remote_host = _text(host)
+        local_display = remote_host.startswith(":")
+        sessions.append(
+            Session(
+                id=f"{tty}:{pid}",
+                uid=uid,
+                user=name,
+                seat="",
+                type="x11" if local_display else "tty",
+                remote=bool(remote_host) and not local_display,
+                remote_host="" if local_display else remote_host,
+                state="online",
+                leader=pid,
+                tty=tty,
+            )
+        )
+    return sessions
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class UtmpMonitor(Monitor):
+    """Follow a utmp file: inotify on its folder gives the notices."""
+
+    source = Source.UTMP
+
+    def __init__(self, path: str = UTMP_PATH, **options: Any) -> None:
+        super().__init__(**options)
+        self.path = path
+        self._folder = os.path.dirname(os.path.abspath(path))
+        self._inotify: int | None = None
+
+    async def _open_source(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        descriptor = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if descriptor < 0:
+            raise SourceUnavailable(f"inotify: {os.strerror(ctypes.get_errno())}")
+        folder = self._folder.encode()
+        mask = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        if libc.inotify_add_watch(descriptor, folder, mask) < 0:
+            reason = os.strerror(ctypes.get_errno())
+            os.close(descriptor)
+            raise SourceUnavailable(f"cannot watch {folder.decode()}: {reason}")
+        self._inotify = descriptor
+        asyncio.get_running_loop().add_reader(descriptor, self._readable)
+
+    def _readable(self) -> None:
+        assert self._inotify is not None
+        name = os.path.basename(self.path).encode()
+        try:
+            data = os.read(self._inotify, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        while offset + 16 <= len(data):
+            _, _, _, length = struct.unpack_from("iIII", data, offset)
+            entry = data[offset + 16 : offset + 16 + length].rstrip(b"\0")
+            offset += 16 + length
+            if entry == name:
+                self.notice("signal")
+                return
+
+    async def _close_source(self) -> None:
+        if self._inotify is not None:
+            asyncio.get_running_loop().remove_reader(self._inotify)
+            os.close(self._inotify)
+            self._inotify = None
+
+    async def _read_source(self) -> Snapshot:
+        try:
+            sessions = await asyncio.to_thread(read_utmp, self.path)
+        except FileNotFoundError:
+            sessions = []  # no login has been recorded since boot
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+                return Snapshot.unknown(self.source, f"cannot read {self.path}: {error.strerror}")
+            raise SourceUnavailable(f"cannot read {self.path}: {error.strerror}") from None
+        return Snapshot.build(self.source, sessions, [], seats_known=False)
