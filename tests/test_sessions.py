@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from dbus_fast import Variant
+
 from conftest import ALICE, BOB, missing_bus_tools
 from userbound.lab.logind import (
     SEAT,
@@ -233,6 +235,42 @@ def test_session_stuck_in_closing_has_ended(bus: PrivateBus, logind: SimulatedLo
         # Much later the session goes away, which gives no second event.
         assert await follow.step(logind.logout("2")) == []
 
+        # bob logs out, and logind still names his closing session in front.
+        await follow.step(logind.switch("seat0", "3"))
+        follow.take()
+        await logind.set_session("3", State="closing")
+        closing = logind.emit_properties_changed(session_path("3"), SESSION, ["Active"])
+        assert await follow.step(closing) == ["seat-switched seat0 3>-", "session-ended 3"]
+        assert monitor.snapshot.in_front("seat0") is None
+        assert not monitor.snapshot.sessions["3"].active
+
+    play(bus, scenario)
+
+
+def test_reused_id_is_another_session(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    async def scenario(monitor: LogindMonitor, follow: Follower, logind: LogindPuppet) -> None:
+        await follow.step(logind.login("2", ALICE, "alice", activate=True))
+        follow.take()
+
+        async def replace_alice_by_bob() -> None:
+            await logind.remove_session("2")
+            await logind.login("2", BOB, "bob", activate=True)
+
+        before = monitor.reads
+        await replace_alice_by_bob()
+        await follow.settle(before)
+        started, switched, ended = (event.to_json() for event in follow.events)
+        assert follow.take() == [
+            "session-started 2",
+            "seat-switched seat0 2>2",
+            "session-ended 2",
+        ]
+        assert started["session"]["user"] == "bob"
+        assert switched["from"]["user"] == "alice"
+        assert switched["to"]["user"] == "bob"
+        assert ended["session"]["user"] == "alice"
+        assert front(monitor.snapshot) == "bob"
+
     play(bus, scenario)
 
 
@@ -266,6 +304,7 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
         await follow.step(puppet.login("2", ALICE, "alice", vt=5, activate=True))
         await follow.step(puppet.login("3", BOB, "bob", vt=6))
         follow.take()
+        alice_started = monitor.snapshot.sessions["2"].timestamp
 
         before = monitor.reads
         logind.stop(signal.SIGKILL)
@@ -286,6 +325,7 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
                     "VTNr": 5,
                     "State": "opening",
                     "Active": True,
+                    "Timestamp": alice_started,
                 }
             ],
         )
@@ -294,6 +334,23 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
         assert monitor.snapshot.known
         assert monitor.snapshot.sessions["2"].state == "opening"
         assert front(monitor.snapshot) == "alice"
+
+        # Another restart, which numbers sessions from the start again: id 2 is now bob.
+        before = monitor.reads
+        logind.stop(signal.SIGKILL)
+        await follow.settle(before)
+        before = monitor.reads
+        bob = {"Id": "2", "UID": BOB, "Name": "bob", "VTNr": 6, "Active": True}
+        await asyncio.to_thread(logind.start, [bob])
+        await follow.settle(before)
+        assert follow.take() == [
+            "sessions-unknown",
+            "sessions-known",
+            "session-started 2",
+            "seat-switched seat0 2>2",
+            "session-ended 2",
+        ]
+        assert front(monitor.snapshot) == "bob"
 
     play(bus, scenario)
 
@@ -365,5 +422,51 @@ def test_burst_of_a_thousand_sessions(bus: PrivateBus, logind: SimulatedLogind) 
         assert front(monitor.snapshot) == "alice"
         # 2,000 signals each way, read again far fewer times.
         assert starting_reads < count / 5, starting_reads
+
+    play(bus, scenario)
+
+
+def test_idle_hint_alone_starts_no_read(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    """Any session may flip its IdleHint at will; that alone must not cost a full read."""
+
+    async def scenario(monitor: LogindMonitor, follow: Follower, logind: LogindPuppet) -> None:
+        await follow.step(logind.login("2", ALICE, "alice", activate=True))
+        before = monitor.reads
+        for _ in range(20):
+            await logind.set_session("2", IdleHint=True)
+            await logind.emit_properties_changed(session_path("2"), SESSION, ["IdleHint"])
+        await asyncio.sleep(0.2)
+        assert monitor.reads == before
+        # The next read for another reason picks the idle state up.
+        assert await follow.step(logind.lock("2")) == ["session-locked 2"]
+        assert monitor.snapshot.sessions["2"].idle
+
+    play(bus, scenario)
+
+
+def test_missing_or_mistyped_property_is_unknown(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    """A default in place of a missing uid or lock state could name the wrong person."""
+
+    async def scenario(monitor: LogindMonitor, follow: Follower, logind: LogindPuppet) -> None:
+        await follow.step(logind.login("2", ALICE, "alice", activate=True))
+        follow.take()
+        path = session_path("2")
+        await logind.drop_property(path, SESSION, "LockedHint")
+        changed = logind.emit_properties_changed(path, SESSION, [], ["LockedHint"])
+        assert await follow.step(changed) == ["sessions-unknown"]
+        assert monitor.snapshot.reason == f"logind sent {path} without the property LockedHint"
+
+        unlocked = Variant("b", value=False)
+        await logind.set_raw(path, SESSION, {"LockedHint": unlocked, "Remote": Variant("s", "no")})
+        changed = logind.emit_properties_changed(path, SESSION, [], ["Remote"])
+        assert await follow.step(changed) == []
+        assert monitor.snapshot.reason == (
+            f"logind sent the property Remote of {path} as type 's', not 'b'"
+        )
+
+        await logind.set_raw(path, SESSION, {"Remote": Variant("b", value=False)})
+        changed = logind.emit_properties_changed(path, SESSION, ["Remote"])
+        assert await follow.step(changed) == ["sessions-known"]
+        assert front(monitor.snapshot) == "alice"
 
     play(bus, scenario)

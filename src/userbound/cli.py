@@ -27,7 +27,7 @@ from userbound.errors import (
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
 from userbound.protocol import call, socket_path, stream
-from userbound.sessions.model import SOURCES, describe_event
+from userbound.sessions.model import SOURCES, describe_event, printable
 from userbound.wgconfig import MAX_CONFIG_BYTES
 
 EXIT_CODES = f"""\
@@ -404,7 +404,7 @@ def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = Fal
         return
     print(f"source: {snapshot['source']}")
     if snapshot["state"] == "unknown":
-        print(f"sessions unknown: {snapshot['reason']}", flush=True)
+        print(f"sessions unknown: {printable(snapshot['reason'])}", flush=True)
         return
     if snapshot["seats"] is None:
         print("seats: unknown (no logind: switching and locks are not known either)")
@@ -437,7 +437,7 @@ def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = Fal
             [
                 session["id"],
                 session["user"],
-                str(session["uid"]),
+                "-" if session["uid"] is None else str(session["uid"]),
                 session["seat"] or "-",
                 str(session["vt"] or "-"),
                 session["class"],
@@ -460,6 +460,7 @@ def show_event(event: dict[str, Any], *, as_json: bool) -> None:
 
 
 def _print_table(rows: list[list[str]]) -> None:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))

@@ -24,6 +24,7 @@ from userbound.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION
 logger = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = 30.0  # seconds to send a whole request line
+STREAM_WRITE_TIMEOUT = 10.0  # seconds a stream's client may leave a line unread
 MAX_CONNECTIONS_PER_UID = 16  # root is not limited
 
 
@@ -42,10 +43,15 @@ class Caller:
 
 @dataclass
 class Stream:
-    """A reply that goes on: the result, then events until either side closes."""
+    """A reply that goes on: the result, then events until either side closes.
+
+    The server calls `close` when the stream ends, however it ends, also when
+    the client left before the first event.
+    """
 
     result: dict[str, Any]
     events: AsyncGenerator[dict[str, Any], None]
+    close: Callable[[], None]
 
 
 Handler = Callable[[str, dict[str, Any], Caller], Awaitable[dict[str, Any] | Stream]]
@@ -204,7 +210,10 @@ class ControlServer:
                     break
                 reply = await self._dispatch(line, caller)
                 if isinstance(reply, Stream):
-                    await self._stream(reply, reader, writer)
+                    try:
+                        await self._stream(reply, reader, writer, caller)
+                    finally:
+                        reply.close()
                     break
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
@@ -216,20 +225,31 @@ class ControlServer:
             writer.close()
 
     async def _stream(
-        self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        stream: Stream,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        caller: Caller,
     ) -> None:
         """Send a stream's result and events until the client closes its end."""
 
+        async def send_line(message: dict[str, Any]) -> None:
+            writer.write(json.dumps(message).encode() + b"\n")
+            async with asyncio.timeout(STREAM_WRITE_TIMEOUT):
+                await writer.drain()
+
         async def send() -> None:
-            reply = {"version": PROTOCOL_VERSION, "ok": True, "result": stream.result}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
             try:
+                await send_line({"version": PROTOCOL_VERSION, "ok": True, "result": stream.result})
                 async for event in stream.events:
-                    writer.write(
-                        json.dumps({"version": PROTOCOL_VERSION, "event": event}).encode() + b"\n"
-                    )
-                    await writer.drain()
+                    await send_line({"version": PROTOCOL_VERSION, "event": event})
+            except TimeoutError:
+                logger.warning(
+                    "closing a stream to uid %d (pid %d): it left output unread for %.0f s",
+                    caller.uid,
+                    caller.pid,
+                    STREAM_WRITE_TIMEOUT,
+                )
             except UserboundError as error:
                 message = {"code": error.code, "message": error.message}
                 writer.write(

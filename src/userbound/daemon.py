@@ -663,30 +663,31 @@ class Daemon:
     async def _watch_sessions(self, params: Params, caller: Caller) -> Stream:
         params.check_known(set())
         monitor = self._monitor()
-        queue: asyncio.Queue[Event | None] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        # The queue keeps events as JSON, not the snapshots they came from.
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_QUEUED_EVENTS + 1)
 
         def follow(event: Event) -> None:
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                unsubscribe()
+            if queue.qsize() < MAX_QUEUED_EVENTS:
+                queue.put_nowait(event.to_json())
+                return
+            # Too far behind: drop what is queued, so that the error goes out next.
+            unsubscribe()
+            while not queue.empty():
                 queue.get_nowait()
-                queue.put_nowait(None)
+            queue.put_nowait(None)
+            logger.warning("uid %d fell %d session events behind", caller.uid, MAX_QUEUED_EVENTS)
 
         unsubscribe = monitor.subscribe(follow)
 
         async def events() -> AsyncGenerator[dict[str, Any], None]:
-            try:
-                while (event := await queue.get()) is not None:
-                    yield event.to_json()
-                raise Conflict(
-                    f"this follower fell {MAX_QUEUED_EVENTS} session events behind; "
-                    "follow again and read faster"
-                )
-            finally:
-                unsubscribe()
+            while (event := await queue.get()) is not None:
+                yield event
+            raise Conflict(
+                f"this follower fell {MAX_QUEUED_EVENTS} session events behind; "
+                "follow again and read faster"
+            )
 
-        return Stream(monitor.snapshot.to_json(), events())
+        return Stream(monitor.snapshot.to_json(), events(), unsubscribe)
 
 
 def _check_unprivileged(config: wgconfig.WireGuardConfig) -> None:

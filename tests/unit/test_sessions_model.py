@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 from pathlib import Path
 
 from userbound.sessions.model import (
@@ -16,7 +17,9 @@ from userbound.sessions.model import (
     Source,
     derive_events,
     describe_event,
+    printable,
 )
+from userbound.sessions.monitor import Monitor
 from userbound.sessions.utmp import RECORD, USER_PROCESS, UtmpMonitor, read_utmp
 
 
@@ -98,9 +101,12 @@ def test_unknown_snapshots_derive_nothing() -> None:
     assert unknown.to_json()["reason"] == "no bus"
 
 
-def _record(kind: int, pid: int, line: str, user: str, host: str) -> bytes:
+def _record(
+    kind: int, pid: int, line: str, user: str, host: str, when: float | None = None
+) -> bytes:
+    seconds = int(time.time() if when is None else when)
     return RECORD.pack(
-        kind, pid, line.encode(), b"", user.encode(), host.encode(), 0, 0, 0, 0, 0, b""
+        kind, pid, line.encode(), b"", user.encode(), host.encode(), 0, 0, 0, seconds, 0, b""
     )
 
 
@@ -118,6 +124,10 @@ def test_read_utmp(tmp_path: Path) -> None:
         + _record(USER_PROCESS, 0x7FFFFFF0, "pts/2", "root", "")  # its process is gone
         + _record(USER_PROCESS, alive, "pts/3", "no-such-user-here", "")
         + _record(8, alive, "pts/4", "root", "")  # DEAD_PROCESS
+        # A login from long before this process started: its pid was reused.
+        + _record(USER_PROCESS, alive, "pts/5", "root", "", when=1_000_000)
+        # A name that fills the field may be cut short: no uid.
+        + _record(USER_PROCESS, alive, "pts/6", "r" * 32, "")
         + b"\0" * 10  # a torn last record
     )
     sessions = read_utmp(str(path))
@@ -125,6 +135,8 @@ def test_read_utmp(tmp_path: Path) -> None:
         ("tty1", False, "", 0),
         ("pts/0", True, "192.0.2.9", 0),
         ("pts/1", False, "", 0),
+        ("pts/3", False, "", None),
+        ("pts/6", False, "", None),
     ]
     state = Snapshot.build(Source.UTMP, sessions, [], seats_known=False)
     assert not state.seats_known
@@ -157,3 +169,56 @@ def test_utmp_monitor_follows_the_file(tmp_path: Path) -> None:
             await monitor.close()
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+class BrokenSource(Monitor):
+    """A source whose read fails with a bug, not with SourceUnavailable."""
+
+    source = Source.UTMP
+
+    async def _open_source(self) -> None:
+        pass
+
+    async def _read_source(self) -> Snapshot:
+        raise KeyError("Id")
+
+    async def _close_source(self) -> None:
+        pass
+
+
+def test_monitor_bug_makes_sessions_unknown() -> None:
+    async def main() -> Snapshot:
+        monitor = BrokenSource(retry_first=10)
+        await monitor.start()
+        await monitor.close()
+        return monitor.snapshot
+
+    snapshot = asyncio.run(main())
+    assert not snapshot.known
+    assert snapshot.reason == "internal error while reading utmp: KeyError('Id')"
+
+
+def test_control_characters_are_escaped() -> None:
+    forged = Session("7", 2002, "bob\x1b[2J", type="tty", remote_host="x\n0 root seat0 active")
+    event = Event(EventKind.REMOTE_SESSION_STARTED, snapshot(ALICE, forged, front="2"), forged)
+    line = describe_event(event.to_json())
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert "bob\\x1b[2J" in line
+    assert printable("ok") == "ok"
+
+
+def test_reused_id_is_another_session() -> None:
+    before = snapshot(Session("2", 2001, "alice", seat="seat0", timestamp=1), front="2")
+    after = snapshot(Session("2", 2002, "bob", seat="seat0", timestamp=2), front="2")
+    events = derive_events(before, after)
+    assert kinds(events) == ["session-started", "seat-switched", "session-ended"]
+    assert events[0].session is not None and events[0].session.user == "bob"
+    assert events[2].session is not None and events[2].session.user == "alice"
+
+
+def test_sessions_known_carries_the_snapshot() -> None:
+    state = snapshot(ALICE, front="2")
+    data = Event(EventKind.SESSIONS_KNOWN, state).to_json()
+    assert data["snapshot"]["seats"][0]["user"] == "alice"
+    assert describe_event(data) == "sessions-known: 1 session(s)"

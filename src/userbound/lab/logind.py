@@ -291,6 +291,13 @@ class LogindPuppet:
             [session_path(session_id), SESSION, _variants(properties)],
         )
 
+    async def drop_property(self, path: str, interface: str, name: str) -> None:
+        await self._call(ROOT, MOCK, "DropPropertyQuietly", "oss", [path, interface, name])
+
+    async def set_raw(self, path: str, interface: str, properties: dict[str, Variant]) -> None:
+        """Set properties to values of any D-Bus type, without a signal."""
+        await self._call(ROOT, MOCK, "SetQuietly", "osa{sv}", [path, interface, properties])
+
     async def set_active(self, seat: str, session_id: str) -> None:
         await self._call(ROOT, MOCK, "SetActiveQuietly", "ss", [seat, session_id])
 

@@ -7,6 +7,8 @@ signal is then sent separately (`EmitPropertiesChanged`, dbusmock's
 dbus-python; it is not part of the userbound package's own code.
 """
 
+import time
+
 import dbus
 from dbusmock import MOCK_IFACE, mockobject
 from dbusmock.templates import logind
@@ -135,8 +137,8 @@ def AddLoginSession(self, session_id, properties):
         "IdleSinceHint": dbus.UInt64(0),
         "IdleSinceHintMonotonic": dbus.UInt64(0),
         "LockedHint": bool(properties.get("LockedHint", False)),
-        "Timestamp": dbus.UInt64(42),
-        "TimestampMonotonic": dbus.UInt64(42),
+        "Timestamp": dbus.UInt64(properties.get("Timestamp", int(time.time() * 1e6))),
+        "TimestampMonotonic": dbus.UInt64(int(time.monotonic() * 1e6)),
     }
     self.AddObject(
         path,
@@ -178,6 +180,12 @@ def SetQuietly(self, path, interface, properties):
     props = mockobject.objects[path].props[interface]
     for name, value in properties.items():
         props[name] = value
+
+
+@dbus.service.method(MOCK_IFACE, in_signature="oss", out_signature="")
+def DropPropertyQuietly(self, path, interface, name):
+    """Remove a property, as an older or broken logind would lack it."""
+    del mockobject.objects[path].props[interface][name]
 
 
 @dbus.service.method(MOCK_IFACE, in_signature="ss", out_signature="")

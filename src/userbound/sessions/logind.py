@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from userbound.sessions.model import Seat, Session, Snapshot, Source
@@ -32,6 +32,7 @@ SEAT = "org.freedesktop.login1.Seat"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 BUS = "org.freedesktop.DBus"
 CALL_TIMEOUT = 5.0  # seconds for each call
+READ_TIMEOUT = 30.0  # seconds for a whole snapshot
 # Calls in flight at once.  dbus-fast drops the connection when the socket's
 # send buffer fills (its writer treats EAGAIN as fatal), so a snapshot of
 # thousands of sessions must not queue all its calls at once.
@@ -73,11 +74,17 @@ def system_bus_address() -> str:
 
 
 async def logind_present(address: str | None = None) -> bool:
-    """Return whether the bus has, or can start, a logind."""
+    """Return whether the bus has, or can start, a logind.
+
+    A bus that exists but does not respond in time counts as having one, so
+    that a slow start reports unknown sessions rather than settling on utmp.
+    """
     try:
         bus = await asyncio.wait_for(
             MessageBus(bus_address=address or system_bus_address()).connect(), CALL_TIMEOUT
         )
+    except TimeoutError:
+        return True
     except Exception:
         return False
     try:
@@ -93,7 +100,9 @@ async def logind_present(address: str | None = None) -> bool:
             if reply.message_type is MessageType.METHOD_RETURN and LOGIN1 in reply.body[0]:
                 return True
         return False
-    except (OSError, TimeoutError):
+    except TimeoutError:
+        return True
+    except OSError:
         return False
     finally:
         bus.disconnect()
@@ -133,6 +142,8 @@ class LogindMonitor(Monitor):
             ) from None
         self._bus = bus
         self._lost = False
+        # Per connection: calls of an abandoned read still hold their slots.
+        self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
         bus.add_message_handler(self._on_message)
         try:
             for rule in MATCH_RULES:
@@ -179,12 +190,11 @@ class LogindMonitor(Monitor):
             return
         path = message.path or ""
         interface = message.interface or ""
-        if (
-            self._owner
-            and message.sender == self._owner
-            and path.startswith(LOGIN1_PATH)
-            and (interface == PROPERTIES or interface.startswith(LOGIN1 + "."))
-        ):
+        if not (self._owner and message.sender == self._owner and path.startswith(LOGIN1_PATH)):
+            return
+        if interface == PROPERTIES and _only_idle_changed(message.body):
+            return
+        if interface == PROPERTIES or interface.startswith(LOGIN1 + "."):
             self.notice("signal")
 
     async def _read_source(self) -> Snapshot:
@@ -195,11 +205,16 @@ class LogindMonitor(Monitor):
                 self.source, f"{LOGIN1} has no owner on the system bus at {self.address}"
             )
         try:
-            return await self._read_logind()
+            async with asyncio.timeout(READ_TIMEOUT) as deadline:
+                return await self._read_logind()
         except TimeoutError:
-            return Snapshot.unknown(
-                self.source, f"logind did not respond within {CALL_TIMEOUT:.0f} s"
-            )
+            if deadline.expired():
+                reason = f"a read of logind's sessions did not finish within {READ_TIMEOUT:.0f} s"
+            else:
+                reason = f"logind did not respond within {CALL_TIMEOUT:.0f} s"
+            return Snapshot.unknown(self.source, reason)
+        except (InvalidReply, ValueError, TypeError) as error:
+            return Snapshot.unknown(self.source, str(error))
         except CallFailed as error:
             if self._lost:
                 raise SourceUnavailable(
@@ -210,7 +225,6 @@ class LogindMonitor(Monitor):
             return Snapshot.unknown(self.source, f"logind rejected a read: {error}")
 
     async def _read_logind(self) -> Snapshot:
-        self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
         (listed_sessions,) = await self._call(LOGIN1, LOGIN1_PATH, MANAGER, "ListSessions")
         (listed_seats,) = await self._call(LOGIN1, LOGIN1_PATH, MANAGER, "ListSeats")
         sessions, seats = await asyncio.gather(
@@ -228,13 +242,13 @@ class LogindMonitor(Monitor):
 
     async def _session(self, path: str) -> Session | None:
         properties = await self._properties(path, SESSION)
-        return None if properties is None else _session(properties)
+        return None if properties is None else _session(path, properties)
 
     async def _seat(self, path: str) -> Seat | None:
         properties = await self._properties(path, SEAT)
-        return None if properties is None else _seat(properties)
+        return None if properties is None else _seat(path, properties)
 
-    async def _properties(self, path: str, interface: str) -> dict[str, Any] | None:
+    async def _properties(self, path: str, interface: str) -> dict[str, Variant] | None:
         try:
             async with self._slots:
                 (properties,) = await self._call(
@@ -244,7 +258,9 @@ class LogindMonitor(Monitor):
             if error.name in VANISHED:
                 return None  # it ended after the listing; the next read will not list it
             raise
-        return {key: variant.value for key, variant in properties.items()}
+        if not isinstance(properties, dict):
+            raise InvalidReply(f"logind sent the properties of {path} as {type(properties)}")
+        return properties
 
     async def _call(
         self,
@@ -280,36 +296,92 @@ class LogindMonitor(Monitor):
         return list(reply.body)
 
 
+def _only_idle_changed(body: list[Any]) -> bool:
+    """Return whether a PropertiesChanged signal changes nothing but idle hints."""
+    try:
+        _, changed, invalidated = body
+        return set(changed) | set(invalidated) <= IDLE_PROPERTIES
+    except (TypeError, ValueError):
+        return False
+
+
 def _reason(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
 
 
-def _session(p: dict[str, Any]) -> Session:
-    uid, _ = p.get("User", (0, "/"))
-    seat, _ = p.get("Seat", ("", "/"))
-    vt = int(p.get("VTNr", 0))
+# The properties a snapshot needs, with their D-Bus types.  A reply without
+# one of them, or with another type, makes the snapshot unknown: an invented
+# default (uid 0, unlocked, remote) could open a tunnel to the wrong person.
+# LockedHint needs systemd 230 or later, or elogind.
+SESSION_PROPERTIES = {
+    "Id": "s",
+    "User": "(uo)",
+    "Name": "s",
+    "Seat": "(so)",
+    "VTNr": "u",
+    "TTY": "s",
+    "Class": "s",
+    "Type": "s",
+    "Remote": "b",
+    "RemoteHost": "s",
+    "Service": "s",
+    "State": "s",
+    "Active": "b",
+    "LockedHint": "b",
+    "IdleHint": "b",
+    "Leader": "u",
+    "Timestamp": "t",
+}
+SEAT_PROPERTIES = {"Id": "s", "ActiveSession": "(so)"}
+# Changes that alone never start a read: any session may set its IdleHint as
+# often as it likes, and the next read picks the new value up.
+IDLE_PROPERTIES = {"IdleHint", "IdleSinceHint", "IdleSinceHintMonotonic"}
+
+
+class InvalidReply(Exception):
+    """logind sent an object without a needed property, or with the wrong type."""
+
+
+def _checked(path: str, properties: dict[str, Variant], expected: dict[str, str]) -> dict[str, Any]:
+    values = {}
+    for name, signature in expected.items():
+        variant = properties.get(name)
+        if variant is None:
+            raise InvalidReply(f"logind sent {path} without the property {name}")
+        if variant.signature != signature:
+            raise InvalidReply(
+                f"logind sent the property {name} of {path} as type {variant.signature!r}, "
+                f"not {signature!r}"
+            )
+        values[name] = variant.value
+    return values
+
+
+def _session(path: str, properties: dict[str, Variant]) -> Session:
+    p = _checked(path, properties, SESSION_PROPERTIES)
     return Session(
-        id=str(p.get("Id", "")),
-        uid=int(uid),
-        user=str(p.get("Name", "")),
-        seat=str(seat),
-        vt=vt or None,
-        session_class=str(p.get("Class", "")),
-        type=str(p.get("Type", "")),
-        remote=bool(p.get("Remote", False)),
-        remote_host=str(p.get("RemoteHost", "")),
-        service=str(p.get("Service", "")),
-        state=str(p.get("State", "")),
-        active=bool(p.get("Active", False)),
-        locked=bool(p.get("LockedHint", False)),
-        idle=bool(p.get("IdleHint", False)),
-        leader=int(p.get("Leader", 0)),
-        tty=str(p.get("TTY", "")),
+        id=p["Id"],
+        uid=p["User"][0],
+        user=p["Name"],
+        seat=p["Seat"][0],
+        vt=p["VTNr"] or None,
+        session_class=p["Class"],
+        type=p["Type"],
+        remote=p["Remote"],
+        remote_host=p["RemoteHost"],
+        service=p["Service"],
+        state=p["State"],
+        active=p["Active"],
+        locked=p["LockedHint"],
+        idle=p["IdleHint"],
+        leader=p["Leader"],
+        tty=p["TTY"],
+        timestamp=p["Timestamp"],
     )
 
 
-def _seat(p: dict[str, Any]) -> Seat:
-    active, _ = p.get("ActiveSession", ("", "/"))
-    return Seat(id=str(p.get("Id", "")), active_session=str(active))
+def _seat(path: str, properties: dict[str, Variant]) -> Seat:
+    p = _checked(path, properties, SEAT_PROPERTIES)
+    return Seat(id=p["Id"], active_session=p["ActiveSession"][0])

@@ -39,14 +39,15 @@ class EventKind(StrEnum):
 class Session:
     """One login session, as its source describes it.
 
-    In a snapshot, `remote` is true for a session that says Remote=yes and,
-    where seats are known, for every session without a seat (ssh, xrdp),
+    In a snapshot, `remote` is true for a session that reports Remote=yes
+    and, where seats are known, for every session without a seat (ssh, xrdp),
     whatever it reports as Active.  `active` is true only for the session in
-    front of its seat.
+    front of its seat.  `uid` is None when utmp names a user without an
+    account, or a name too long to be whole.
     """
 
     id: str
-    uid: int
+    uid: int | None
     user: str
     seat: str = ""
     vt: int | None = None
@@ -61,11 +62,19 @@ class Session:
     idle: bool = False
     leader: int = 0
     tty: str = ""
+    # When the session started (logind's Timestamp, µs since the epoch): a
+    # restarted logind may hand out an id again, to another person.
+    timestamp: int = 0
 
     @property
     def present(self) -> bool:
         """Whether this session means that a person uses the machine."""
         return self.session_class == USER_CLASS and self.state != "closing"
+
+    @property
+    def identity(self) -> tuple[str, int | None, int]:
+        """The key that tells two sessions apart, also across a reused id."""
+        return (self.id, self.uid, self.timestamp)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,12 +130,16 @@ class Snapshot:
         *,
         seats_known: bool = True,
     ) -> Snapshot:
-        """Make a known snapshot; seats only ever have sessions on that seat in front."""
+        """Make a known snapshot.
+
+        Only a session on that seat can be in front of it.  A session in
+        `closing` is not in front: its user has left, whatever logind reports.
+        """
         by_id = {s.id: s for s in sessions}
         checked = {}
         for seat in seats:
             front = by_id.get(seat.active_session)
-            if front is not None and front.seat != seat.id:
+            if front is not None and (front.seat != seat.id or front.state == "closing"):
                 seat = replace(seat, active_session="")
             checked[seat.id] = seat
         fronts = {seat.active_session for seat in checked.values()}
@@ -211,6 +224,9 @@ class Event:
             data["to"] = _front_json(self.current_id, self.current)
         if self.kind is EventKind.SESSIONS_UNKNOWN:
             data["reason"] = self.snapshot.reason
+        if self.kind is EventKind.SESSIONS_KNOWN:
+            # A follower that joined while sessions were unknown learns them here.
+            data["snapshot"] = self.snapshot.to_json()
         return data
 
     def describe(self) -> str:
@@ -238,13 +254,26 @@ def _front_text(front: dict[str, Any] | None) -> str:
     return f"{front['user']} ({front['class']}, session {front['id']})"
 
 
+def printable(text: str) -> str:
+    """Escape control characters, so that a name from logind cannot forge terminal output."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def describe_event(event: dict[str, Any]) -> str:
-    """One line for people, from an event's JSON form (as the daemon sends it)."""
+    """Return one line for people, from an event's JSON form (as the daemon sends it)."""
+    return printable(_describe(event))
+
+
+def _describe(event: dict[str, Any]) -> str:
     kind = event["event"]
     if kind == EventKind.SEAT_SWITCHED:
         return f"{kind} {event['seat']}: {_front_text(event['from'])} -> {_front_text(event['to'])}"
     if kind == EventKind.SESSIONS_UNKNOWN:
         return f"{kind}: {event['reason']}"
+    if kind == EventKind.SESSIONS_KNOWN:
+        return f"{kind}: {len(event['snapshot']['sessions'])} session(s)"
     session = event.get("session")
     if session is None:
         return str(kind)
@@ -255,6 +284,11 @@ def describe_event(event: dict[str, Any]) -> str:
         f"{kind} {session['user']} (uid {session['uid']}, session {session['id']}, "
         f"{session['class']}, {where})"
     )
+
+
+def _identity(snapshot: Snapshot, session_id: str) -> tuple[str, int | None, int] | None:
+    session = snapshot.sessions.get(session_id)
+    return None if session is None else session.identity
 
 
 def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
@@ -269,8 +303,8 @@ def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
     started: list[Event] = []
     ended: list[Event] = []
     locks: list[Event] = []
-    before = {s.id: s for s in previous.present_sessions()}
-    after = {s.id: s for s in current.present_sessions()}
+    before = {s.identity: s for s in previous.present_sessions()}
+    after = {s.identity: s for s in current.present_sessions()}
     for key, session in after.items():
         old = before.get(key)
         if old is None:
@@ -282,7 +316,8 @@ def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
     for key, old in before.items():
         if key not in after:
             # The session as it is now (closing), or as it was when it vanished.
-            session = current.sessions.get(key, old)
+            later = current.sessions.get(old.id)
+            session = later if later is not None and later.identity == key else old
             kind = EventKind.REMOTE_SESSION_ENDED if old.remote else EventKind.SESSION_ENDED
             ended.append(Event(kind, current, session))
     switches: list[Event] = []
@@ -290,16 +325,17 @@ def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
         for seat in sorted(set(previous.seats) | set(current.seats)):
             was = previous.seats[seat].active_session if seat in previous.seats else ""
             now = current.seats[seat].active_session if seat in current.seats else ""
-            if was != now:
-                switches.append(
-                    Event(
-                        EventKind.SEAT_SWITCHED,
-                        current,
-                        seat=seat,
-                        previous=previous.sessions.get(was),
-                        current=current.sessions.get(now),
-                        previous_id=was,
-                        current_id=now,
-                    )
+            if was == now and _identity(previous, was) == _identity(current, now):
+                continue
+            switches.append(
+                Event(
+                    EventKind.SEAT_SWITCHED,
+                    current,
+                    seat=seat,
+                    previous=previous.sessions.get(was),
+                    current=current.sessions.get(now),
+                    previous_id=was,
+                    current_id=now,
                 )
+            )
     return started + switches + locks + ended

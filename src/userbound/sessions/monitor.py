@@ -118,6 +118,7 @@ class Monitor:
     # The loop
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = self._retry_first
         cause = "start"
         while True:
@@ -129,28 +130,45 @@ class Monitor:
                     self._notice_time = None
                     self._notice.clear()
                     self._reading = True
+                    started = loop.time()
                     try:
                         snapshot = await self._read_source()
                     finally:
                         self._reading = False
                     self.reads += 1
                     self._publish(replace(snapshot, cause=cause, signal_time=signal_time))
-                    cause = await self._wait_for_notice()
+                    # A source that signals without pause gets at most half
+                    # of this process's time for reads.
+                    cause = await self._wait_for_notice(rest=loop.time() - started)
             except SourceUnavailable as error:
+                reason = str(error)
+            except Exception as error:
+                # A bug must not leave an old snapshot standing as if it were current.
+                reason = f"internal error while reading {self.source.value}: {error!r}"
+                if reason != self._snapshot.reason:
+                    logger.exception("reading sessions from %s failed", self.source.value)
+            try:
                 await self._close_source()
-                self._publish(Snapshot.unknown(self.source, str(error)))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                cause = "reconnect"
+            except Exception:
+                logger.exception("closing the %s source failed", self.source.value)
+            self._publish(Snapshot.unknown(self.source, reason))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+            cause = "reconnect"
 
-    async def _wait_for_notice(self) -> str:
-        """Sleep until a burst of notices ends or the resync interval passes."""
+    async def _wait_for_notice(self, rest: float) -> str:
+        """Sleep until a burst of notices ends or the resync interval passes.
+
+        After a notice, the next read starts no sooner than `rest` seconds
+        after the last one ended.
+        """
+        loop = asyncio.get_running_loop()
+        earliest = loop.time() + rest
         try:
             async with asyncio.timeout(self.resync_interval):
                 await self._notice.wait()
         except TimeoutError:
             return "resync"
-        loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_delay
         while (remaining := deadline - loop.time()) > 0:
             self._notice.clear()
@@ -159,6 +177,8 @@ class Monitor:
                     await self._notice.wait()
             except TimeoutError:
                 break
+        if (wait := earliest - loop.time()) > 0:
+            await asyncio.sleep(wait)
         return self._notice_cause
 
     def _publish(self, snapshot: Snapshot) -> None:

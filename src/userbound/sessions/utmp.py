@@ -1,14 +1,15 @@
 """Sessions from utmp, for machines without logind, watched with inotify.
 
 utmp lists logins with their terminal and remote host, nothing more: seats,
-switching and locks are unknown in this mode, and snapshots say so
-(`seats_known` is false).  An entry whose process is gone is stale and is
-left out.
+switching and locks are unknown in this mode, and snapshots show it
+(`seats_known` is false).  An entry whose process is gone, or whose pid now
+belongs to a later process, is stale and is left out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -26,9 +27,11 @@ USER_PROCESS = 7
 # struct utmp of glibc on 64-bit Linux (also on x86_64 with 32-bit times).
 RECORD = struct.Struct("<hxxi32s4s32s256shhi2i16s20x")
 
+CLOCK_SLACK = 2.0  # seconds between a login's process start and its utmp record, at most
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
 IN_CREATE = 0x100
 IN_DELETE = 0x200
@@ -39,16 +42,19 @@ IN_CLOEXEC = 0o2000000
 def read_utmp(path: str) -> list[Session]:
     """Return the live logins in a utmp file; raise OSError when it cannot be read."""
     data = Path(path).read_bytes()
+    boot_time = _boot_time()
     sessions = []
     for offset in range(0, len(data) - RECORD.size + 1, RECORD.size):
-        kind, pid, line, _, user, host, *_ = RECORD.unpack_from(data, offset)
-        if kind != USER_PROCESS or pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        kind, pid, line, _, user, host, _, _, _, seconds, _, _ = RECORD.unpack_from(data, offset)
+        if kind != USER_PROCESS or pid <= 0 or not _alive_since(pid, seconds, boot_time):
             continue
         name = _text(user)
-        try:
-            uid = pwd.getpwnam(name).pw_uid
-        except KeyError:
-            continue  # utmp names only; a name without an account has no uid to bind
+        uid: int | None = None
+        # A name that fills the field may be cut short, and then it would
+        # name another account: such a login keeps no uid.
+        if b"\0" in user:
+            with contextlib.suppress(KeyError):
+                uid = pwd.getpwnam(name).pw_uid
         tty = _text(line)
         remote_host = _text(host)
         local_display = remote_host.startswith(":")
@@ -69,6 +75,28 @@ def read_utmp(path: str) -> list[Session]:
     return sessions
 
 
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError("no btime line in /proc/stat")
+
+
+def _alive_since(pid: int, login_time: int, boot_time: float) -> bool:
+    """Return whether the login's process still runs: pid exists and started by the login time.
+
+    A process that started later has only reused the pid of a login that ended
+    without a DEAD_PROCESS record.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+    started = boot_time + ticks / os.sysconf("SC_CLK_TCK")
+    return started <= login_time + CLOCK_SLACK
+
+
 def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode(errors="replace")
 
@@ -80,8 +108,9 @@ class UtmpMonitor(Monitor):
 
     def __init__(self, path: str = UTMP_PATH, **options: Any) -> None:
         super().__init__(**options)
-        self.path = path
-        self._folder = os.path.dirname(os.path.abspath(path))
+        # A symlinked utmp is watched where the file itself lives.
+        self.path = os.path.realpath(path)
+        self._folder = os.path.dirname(self.path)
         self._inotify: int | None = None
 
     async def _open_source(self) -> None:
@@ -90,7 +119,15 @@ class UtmpMonitor(Monitor):
         if descriptor < 0:
             raise SourceUnavailable(f"inotify: {os.strerror(ctypes.get_errno())}")
         folder = self._folder.encode()
-        mask = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        mask = (
+            IN_MODIFY
+            | IN_ATTRIB
+            | IN_CLOSE_WRITE
+            | IN_MOVED_FROM
+            | IN_MOVED_TO
+            | IN_CREATE
+            | IN_DELETE
+        )
         if libc.inotify_add_watch(descriptor, folder, mask) < 0:
             reason = os.strerror(ctypes.get_errno())
             os.close(descriptor)
