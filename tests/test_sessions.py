@@ -470,3 +470,15 @@ def test_missing_or_mistyped_property_is_unknown(bus: PrivateBus, logind: Simula
         assert front(monitor.snapshot) == "alice"
 
     play(bus, scenario)
+
+
+def test_invalid_bus_address_is_unknown() -> None:
+    async def main() -> Snapshot:
+        monitor = LogindMonitor("garbage", retry_first=10)
+        await asyncio.wait_for(monitor.start(), 10)
+        await monitor.close()
+        return monitor.snapshot
+
+    snapshot = asyncio.run(main())
+    assert not snapshot.known
+    assert snapshot.reason.startswith("cannot connect to the system bus at garbage: ")

@@ -15,6 +15,7 @@ import pytest
 from conftest import ALICE, BOB
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
 from userbound.lab.testbed import USERBOUND, Testbed
+from userbound.protocol import DEFAULT_SOCKET
 
 
 def puppet(address: str, play: Callable[[LogindPuppet], Awaitable[Any]]) -> None:
@@ -33,24 +34,26 @@ async def alice_in_front_and_bob_over_ssh(logind: LogindPuppet) -> None:
     await logind.lock("2")
 
 
-def sessions_cli(
-    bus_address: str, *argv: str, socket: str = "/nonexistent/control.sock"
-) -> subprocess.CompletedProcess[str]:
+def sessions_cli(bus_address: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address}
+    environment.pop("USERBOUND_SOCKET", None)
     return subprocess.run(
-        [str(USERBOUND), "sessions", "--control-socket", socket, *argv],
+        [str(USERBOUND), "sessions", *argv],
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus_address},
+        env=environment,
         check=False,
     )
 
 
 def test_direct_reading_when_no_daemon_runs(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    if subprocess.run([str(USERBOUND), "status"], capture_output=True, check=False).returncode == 0:
+        pytest.skip(f"a daemon answers on {DEFAULT_SOCKET}")
     puppet(bus.address, alice_in_front_and_bob_over_ssh)
     result = sessions_cli(bus.address, "--json")
     assert result.returncode == 0, result.stderr
-    assert "no daemon at /nonexistent/control.sock; reading sessions directly" in result.stderr
+    assert f"no daemon at {DEFAULT_SOCKET}; reading sessions directly" in result.stderr
     state = json.loads(result.stdout)
     assert state["state"] == "known"
     assert state["source"] == "logind"
@@ -74,18 +77,59 @@ def test_direct_reading_when_no_daemon_runs(bus: PrivateBus, logind: SimulatedLo
     ]  # fmt: skip
 
 
+def test_named_socket_never_falls_back(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    result = sessions_cli(bus.address, "--control-socket", "/nonexistent/control.sock")
+    assert result.returncode == 4
+    assert result.stdout == ""
+    assert "cannot reach the userbound daemon at /nonexistent/control.sock" in result.stderr
+
+
 def test_direct_reading_says_why_sessions_are_unknown(tmp_path: Path) -> None:
     address = f"unix:path={tmp_path}/no-bus-here"
-    result = sessions_cli(address, "--direct", "--source", "logind")
-    assert result.returncode == 0, result.stderr
+    result = sessions_cli(address, "--source", "logind")
+    assert result.returncode == 1, result.stderr
     assert result.stdout.splitlines() == [
         "source: logind",
         f"sessions unknown: cannot connect to the system bus at {address}: "
         "No such file or directory",
     ]
-    utmp = sessions_cli(address, "--direct", "--source", "utmp")
+    utmp = sessions_cli(address, "--source", "utmp")
     assert utmp.returncode == 0, utmp.stderr
     assert "seats: unknown (no logind" in utmp.stdout
+    utmp_json = json.loads(sessions_cli(address, "--source", "utmp", "--json").stdout)
+    assert utmp_json["seats"] is None
+    for session in utmp_json["sessions"]:
+        assert session["locked"] is None
+        assert session["active"] is None
+
+
+def test_closed_pipe_ends_quietly(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    puppet(bus.address, alice_in_front_and_bob_over_ssh)
+    result = subprocess.run(
+        f"{USERBOUND} sessions --direct --json | head -c 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
+        check=False,
+    )
+    assert result.stdout == "{"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "0.5", "abc", "nan", "inf", "90000"])
+def test_resync_interval_out_of_range(value: str) -> None:
+    result = subprocess.run(
+        [str(USERBOUND), "daemon", "--resync-interval", value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert f"argument --resync-interval: invalid value {value!r}" in result.stderr
+    assert "give seconds from 1 to 86400" in result.stderr
 
 
 def test_direct_follow_streams_events(bus: PrivateBus, logind: SimulatedLogind) -> None:
@@ -172,7 +216,9 @@ def test_sessions_through_the_daemon(
     follower.stdout.close()
 
     result = bed.cli(0, "sessions")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "sessions unknown: org.freedesktop.login1 has no owner" in result.stdout
     # The follower's connection is closed, and the daemon still serves every user.
-    assert bed.cli(BOB, "sessions").returncode == 0
+    assert bed.cli(BOB, "sessions").returncode == 1
+    # --source reads directly, whatever the daemon reports.
+    assert bed.cli(ALICE, "sessions", "--source", "utmp").stdout.startswith("source: utmp\n")

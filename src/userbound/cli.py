@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 import time
@@ -26,7 +27,7 @@ from userbound.errors import (
     UserboundError,
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
-from userbound.protocol import call, socket_path, stream
+from userbound.protocol import DEFAULT_SOCKET, call, socket_path, stream
 from userbound.sessions.model import SOURCES, describe_event, printable
 from userbound.wgconfig import MAX_CONFIG_BYTES
 
@@ -50,6 +51,24 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+FOLLOW_LIMIT = 10_000  # events queued for --follow before it shows the whole state instead
+MIN_RESYNC_INTERVAL = 1.0
+MAX_RESYNC_INTERVAL = 86400.0
+
+
+def _resync_interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not MIN_RESYNC_INTERVAL <= seconds <= MAX_RESYNC_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give seconds from {MIN_RESYNC_INTERVAL:.0f} to "
+            f"{MAX_RESYNC_INTERVAL:.0f}"
+        )
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--resync-interval",
         metavar="SECONDS",
-        type=float,
+        type=_resync_interval,
         default=30.0,
-        help="read the whole session state again this often, even without a signal (default: 30)",
+        help="read the whole session state again this often, even without a signal; "
+        f"{MIN_RESYNC_INTERVAL:.0f} to {MAX_RESYNC_INTERVAL:.0f} (default: 30)",
     )
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
@@ -162,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sessions = add_command(
-        "sessions", "show who uses the machine: each seat's session in front, every session"
+        "sessions",
+        "show who uses the machine: each seat's session in front, every session "
+        "(exit code 1 when sessions are unknown)",
     )
     sessions.add_argument("--json", action="store_true", help="print JSON")
     sessions.add_argument(
@@ -179,9 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument(
         "--source",
         choices=SOURCES,
-        default="auto",
-        help="for direct reading: logind, utmp, or auto (default: logind where the machine "
-        "has one)",
+        help="read this source directly (implies --direct): logind, utmp, or auto, which "
+        "picks logind where the machine has one (default for direct reading: auto)",
     )
 
     lab = commands.add_parser(
@@ -194,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    if arguments.command not in ("daemon", "lab"):
+        # `userbound sessions | head` ends quietly, as other command-line tools do.
+        # The daemon and the lab must clean up, so they keep Python's handling.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if arguments.command == "daemon":
             return run_daemon(arguments)
@@ -246,10 +271,6 @@ def run_daemon(arguments: argparse.Namespace) -> int:
     )
     if not arguments.restart_delay > 0:
         raise InvalidRequest(f"--restart-delay {arguments.restart_delay} must be above 0 seconds")
-    if not arguments.resync_interval > 0:
-        raise InvalidRequest(
-            f"--resync-interval {arguments.resync_interval} must be above 0 seconds"
-        )
     asyncio.run(
         run(
             socket_path(getattr(arguments, "control_socket", None)),
@@ -345,53 +366,62 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
 
 
 def command_sessions(path: str, arguments: argparse.Namespace) -> int:
-    if not arguments.direct:
+    """Show sessions from the daemon, or read them directly when no daemon runs."""
+    direct = arguments.direct or arguments.source is not None
+    if not direct:
         try:
-            if not arguments.follow:
-                show_sessions(call(path, "sessions", {}), as_json=arguments.json)
-                return EXIT_OK
-            replies = stream(path, "watch-sessions", {})
-            show_sessions(next(replies), as_json=arguments.json, follow=True)
-            for event in replies:
-                show_event(event, as_json=arguments.json)
+            return sessions_from_daemon(path, arguments)
         except DaemonNotRunning:
+            # Only the default socket falls back: a socket the caller named
+            # must be the daemon they meant.
+            if path != DEFAULT_SOCKET:
+                raise
             print(f"userbound: no daemon at {path}; reading sessions directly", file=sys.stderr)
-        except KeyboardInterrupt:
-            return EXIT_OK
-        else:
-            return EXIT_OK
     return sessions_direct(arguments)
+
+
+def sessions_from_daemon(path: str, arguments: argparse.Namespace) -> int:
+    if not arguments.follow:
+        snapshot = call(path, "sessions", {})
+        show_sessions(snapshot, as_json=arguments.json)
+        return EXIT_OK if snapshot["state"] == "known" else EXIT_FAILED
+    try:
+        replies = stream(path, "watch-sessions", {})
+        show_sessions(next(replies), as_json=arguments.json, follow=True)
+        for event in replies:
+            show_event(event, as_json=arguments.json)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
 
 
 def sessions_direct(arguments: argparse.Namespace) -> int:
     """Read sessions in this process, as the daemon would."""
     import asyncio
 
-    from userbound.sessions import Event, open_monitor
+    from userbound.sessions import open_monitor
+    from userbound.sessions.monitor import Follower
 
     # The output shows when sessions are unknown, and the reason.
     logging.basicConfig(level=logging.ERROR, format="userbound: %(message)s")
 
-    async def read() -> None:
-        monitor = await open_monitor(arguments.source)
+    async def read() -> int:
+        monitor = await open_monitor(arguments.source or "auto")
         try:
-            show_sessions(
-                monitor.snapshot.to_json(), as_json=arguments.json, follow=arguments.follow
-            )
+            snapshot = monitor.snapshot.to_json()
+            show_sessions(snapshot, as_json=arguments.json, follow=arguments.follow)
             if not arguments.follow:
-                return
-            queue: asyncio.Queue[Event] = asyncio.Queue()
-            monitor.subscribe(queue.put_nowait)
-            while True:
-                show_event((await queue.get()).to_json(), as_json=arguments.json)
+                return EXIT_OK if snapshot["state"] == "known" else EXIT_FAILED
+            async for event in Follower(monitor, FOLLOW_LIMIT).events():
+                show_event(event, as_json=arguments.json)
+            return EXIT_OK
         finally:
             await monitor.close()
 
     try:
-        asyncio.run(read())
+        return asyncio.run(read())
     except KeyboardInterrupt:
-        pass
-    return EXIT_OK
+        return EXIT_OK
 
 
 def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = False) -> None:
@@ -413,7 +443,7 @@ def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = Fal
     else:
         rows = [["SEAT", "IN FRONT"]]
         for seat in snapshot["seats"]:
-            front = "nobody"
+            front = "-"
             if seat["active_session"]:
                 front = f"session {seat['active_session']}"
                 if seat["user"] is not None:
@@ -427,12 +457,10 @@ def show_sessions(snapshot: dict[str, Any], *, as_json: bool, follow: bool = Fal
     rows = [["SESSION", "USER", "UID", "SEAT", "VT", "CLASS", "TYPE", "REMOTE", "STATE", "LOCK"]]
     for session in snapshot["sessions"]:
         remote = session["remote_host"] or ("yes" if session["remote"] else "-")
-        if session["locked"]:
-            lock = "locked"
-        elif snapshot["seats"] is None:
+        if session["locked"] is None:
             lock = "-"  # utmp does not show locks
         else:
-            lock = "unlocked"
+            lock = "locked" if session["locked"] else "unlocked"
         rows.append(
             [
                 session["id"],
@@ -455,7 +483,12 @@ def show_event(event: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(event), flush=True)
         return
-    moment = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    if event["event"] == "snapshot":
+        # The daemon sends the whole state again to a follower that fell behind.
+        print(f"(missed {event['missed']} event(s); the state now:)")
+        show_sessions(event["snapshot"], as_json=False)
+        return
+    moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
     print(f"{moment} {describe_event(event)}", flush=True)
 
 

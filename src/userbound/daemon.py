@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,8 @@ from userbound.routing import (
     close_connections,
     dns_mark,
 )
-from userbound.sessions import Event, open_monitor
-from userbound.sessions.monitor import RESYNC_INTERVAL, Monitor
+from userbound.sessions import open_monitor
+from userbound.sessions.monitor import RESYNC_INTERVAL, Follower, Monitor
 from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
     DataPlane,
@@ -60,7 +60,7 @@ RESTART_DELAY_FIRST = 1.0
 RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
 MAX_TUNNELS_PER_USER = 8
-MAX_QUEUED_EVENTS = 1000  # per follower of session events; a slower one is dropped
+MAX_QUEUED_EVENTS = 10_000  # per follower of session events; then it gets the state instead
 PRIVATE_NETWORKS = [
     ipaddress.ip_network(n)
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
@@ -663,31 +663,8 @@ class Daemon:
     async def _watch_sessions(self, params: Params, caller: Caller) -> Stream:
         params.check_known(set())
         monitor = self._monitor()
-        # The queue keeps events as JSON, not the snapshots they came from.
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_QUEUED_EVENTS + 1)
-
-        def follow(event: Event) -> None:
-            if queue.qsize() < MAX_QUEUED_EVENTS:
-                queue.put_nowait(event.to_json())
-                return
-            # Too far behind: drop what is queued, so that the error goes out next.
-            unsubscribe()
-            while not queue.empty():
-                queue.get_nowait()
-            queue.put_nowait(None)
-            logger.warning("uid %d fell %d session events behind", caller.uid, MAX_QUEUED_EVENTS)
-
-        unsubscribe = monitor.subscribe(follow)
-
-        async def events() -> AsyncGenerator[dict[str, Any], None]:
-            while (event := await queue.get()) is not None:
-                yield event
-            raise Conflict(
-                f"this follower fell {MAX_QUEUED_EVENTS} session events behind; "
-                "follow again and read faster"
-            )
-
-        return Stream(monitor.snapshot.to_json(), events(), unsubscribe)
+        follower = Follower(monitor, MAX_QUEUED_EVENTS)
+        return Stream(monitor.snapshot.to_json(), follower.events(), follower.close)
 
 
 def _check_unprivileged(config: wgconfig.WireGuardConfig) -> None:

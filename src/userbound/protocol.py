@@ -71,7 +71,10 @@ def _connect(path: str, timeout: float) -> socket.socket:
         sock.connect(path)
     except OSError as error:
         sock.close()
-        hint = "start it with `userbound daemon` or set --control-socket"
+        if isinstance(error, PermissionError):
+            hint = "check the permissions of the socket and its folders"
+        else:
+            hint = "start it with `userbound daemon` or set --control-socket"
         message = f"cannot reach the userbound daemon at {path}: {error.strerror}; {hint}"
         if isinstance(error, FileNotFoundError | ConnectionRefusedError):
             raise DaemonNotRunning(message) from None

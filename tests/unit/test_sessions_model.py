@@ -19,7 +19,7 @@ from userbound.sessions.model import (
     describe_event,
     printable,
 )
-from userbound.sessions.monitor import Monitor
+from userbound.sessions.monitor import Follower, Monitor
 from userbound.sessions.utmp import RECORD, USER_PROCESS, UtmpMonitor, read_utmp
 
 
@@ -222,3 +222,45 @@ def test_sessions_known_carries_the_snapshot() -> None:
     data = Event(EventKind.SESSIONS_KNOWN, state).to_json()
     assert data["snapshot"]["seats"][0]["user"] == "alice"
     assert describe_event(data) == "sessions-known: 1 session(s)"
+
+
+class StaticSource(Monitor):
+    """A monitor fed by the test through _publish, with no source behind it."""
+
+    source = Source.LOGIND
+
+
+async def _take(follower: Follower, count: int) -> list[dict[str, object]]:
+    stream = follower.events()
+    return [await asyncio.wait_for(anext(stream), 5) for _ in range(count)]
+
+
+def test_follower_that_falls_behind_gets_the_state() -> None:
+    async def main() -> None:
+        monitor = StaticSource()
+        monitor._publish(snapshot(ALICE, front="2"))
+        follower = Follower(monitor, limit=2)
+        monitor._publish(snapshot(ALICE, BOB, front="2"))  # session-started 3
+        monitor._publish(snapshot(ALICE, BOB, front="3"))  # seat-switched
+        locked_bob = Session("3", 2002, "bob", seat="seat0", vt=6, locked=True)
+        monitor._publish(snapshot(ALICE, locked_bob, front="3"))  # session-locked
+        (resync,) = await _take(follower, 1)
+        assert resync["event"] == "snapshot"
+        assert resync["missed"] == 3
+        follower.close()
+        assert monitor._subscribers == []
+
+    asyncio.run(main())
+
+
+def test_follower_keeps_order_within_its_limit() -> None:
+    async def main() -> None:
+        monitor = StaticSource()
+        monitor._publish(snapshot(ALICE, front="2"))
+        follower = Follower(monitor, limit=10)
+        monitor._publish(snapshot(ALICE, BOB, front="2"))
+        monitor._publish(snapshot(ALICE, BOB, front="3"))
+        events = await _take(follower, 2)
+        assert [e["event"] for e in events] == ["session-started", "seat-switched"]
+
+    asyncio.run(main())

@@ -7,6 +7,7 @@ nor D-Bus, so the CLI starts fast.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +16,10 @@ from userbound.sessions.model import SOURCES, Event, EventKind, Seat, Session, S
 if TYPE_CHECKING:
     from userbound.sessions.monitor import Monitor
 
-# logind and elogind keep their seat files here; it exists once either ran since boot.
+# logind and elogind write a file per seat here; packages may create the folder empty.
 LOGIND_RUNTIME = "/run/systemd/seats"
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCES",
@@ -37,9 +40,17 @@ async def choose_source(source: str, bus_address: str | None = None) -> Source:
         return Source(source)
     from userbound.sessions.logind import logind_present
 
-    if Path(LOGIND_RUNTIME).is_dir() or await logind_present(bus_address):  # noqa: ASYNC240
+    if _logind_ran() or await logind_present(bus_address):
         return Source.LOGIND
     return Source.UTMP
+
+
+def _logind_ran() -> bool:
+    """Return whether a logind has written seat files since boot (an empty folder is not enough)."""
+    try:
+        return any(Path(LOGIND_RUNTIME).iterdir())
+    except OSError:
+        return False
 
 
 async def open_monitor(
@@ -59,5 +70,6 @@ async def open_monitor(
         from userbound.sessions.utmp import UTMP_PATH, UtmpMonitor
 
         monitor = UtmpMonitor(utmp_path or UTMP_PATH, **options)
+    logger.info("following sessions from %s", monitor.describe_source())
     await monitor.start()
     return monitor

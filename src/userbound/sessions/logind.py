@@ -126,10 +126,13 @@ class LogindMonitor(Monitor):
     def address(self) -> str:
         return self._address or system_bus_address()
 
+    def describe_source(self) -> str:
+        return f"logind on the system bus at {self.address}"
+
     async def _open_source(self) -> None:
         address = self.address
-        bus = MessageBus(bus_address=address)
         try:
+            bus = MessageBus(bus_address=address)
             async with asyncio.timeout(CALL_TIMEOUT):
                 await bus.connect()
         except TimeoutError:

@@ -76,7 +76,8 @@ class Session:
         """The key that tells two sessions apart, also across a reused id."""
         return (self.id, self.uid, self.timestamp)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, seats_known: bool = True) -> dict[str, Any]:
+        """Return the JSON form; without seats (utmp), active and locked are null."""
         return {
             "id": self.id,
             "uid": self.uid,
@@ -89,8 +90,8 @@ class Session:
             "remote_host": self.remote_host or None,
             "service": self.service,
             "state": self.state,
-            "active": self.active,
-            "locked": self.locked,
+            "active": self.active if seats_known else None,
+            "locked": self.locked if seats_known else None,
             "idle": self.idle,
             "leader": self.leader,
             "tty": self.tty or None,
@@ -100,7 +101,7 @@ class Session:
 @dataclass(frozen=True, slots=True)
 class Seat:
     id: str
-    active_session: str = ""  # "" when nobody is in front
+    active_session: str = ""  # "" when no session is in front
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,10 @@ class Snapshot:
             "generation": self.generation,
             "cause": self.cause,
             "seats": seats if self.seats_known else None,
-            "sessions": [s.to_json() for s in sorted(self.sessions.values(), key=_session_order)],
+            "sessions": [
+                s.to_json(seats_known=self.seats_known)
+                for s in sorted(self.sessions.values(), key=_session_order)
+            ],
         }
 
 
@@ -215,9 +219,10 @@ class Event:
             "event": self.kind.value,
             "time": self.snapshot.time,
             "generation": self.snapshot.generation,
+            "cause": self.snapshot.cause,
         }
         if self.session is not None:
-            data["session"] = self.session.to_json()
+            data["session"] = self.session.to_json(seats_known=self.snapshot.seats_known)
         if self.kind is EventKind.SEAT_SWITCHED:
             data["seat"] = self.seat
             data["from"] = _front_json(self.previous_id, self.previous)
@@ -248,7 +253,7 @@ def _front_json(session_id: str, session: Session | None) -> dict[str, Any] | No
 
 def _front_text(front: dict[str, Any] | None) -> str:
     if front is None:
-        return "nobody"
+        return "no session"
     if front["user"] is None:
         return f"session {front['id']}"
     return f"{front['user']} ({front['class']}, session {front['id']})"

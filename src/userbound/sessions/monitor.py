@@ -9,11 +9,13 @@ notice.  Between reads the monitor sleeps.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
+from typing import Any
 
 from userbound.sessions.model import Event, EventKind, Snapshot, Source, derive_events
 
@@ -104,6 +106,10 @@ class Monitor:
 
     # What each source provides
 
+    def describe_source(self) -> str:
+        """Return where this monitor reads, for logs."""
+        raise NotImplementedError
+
     async def _open_source(self) -> None:
         """Connect to the source; raise SourceUnavailable when it cannot be reached."""
         raise NotImplementedError
@@ -136,6 +142,13 @@ class Monitor:
                     finally:
                         self._reading = False
                     self.reads += 1
+                    logger.debug(
+                        "read %d session(s) from %s (%s) in %.1f ms",
+                        len(snapshot.sessions),
+                        self.source.value,
+                        cause,
+                        (loop.time() - started) * 1000,
+                    )
                     self._publish(replace(snapshot, cause=cause, signal_time=signal_time))
                     # A source that signals without pause gets at most half
                     # of this process's time for reads.
@@ -208,3 +221,44 @@ class Monitor:
                     subscriber(event)
                 except Exception:
                     logger.exception("a session event subscriber failed")
+
+
+class Follower:
+    """A monitor's events as JSON, queued for one slow consumer (a control stream).
+
+    At most `limit` events wait.  A follower that falls further behind gets,
+    in place of the queued events, one `{"event": "snapshot", "missed": N,
+    "snapshot": {...}}` with the whole state, and then the events after it.
+    """
+
+    def __init__(self, monitor: Monitor, limit: int) -> None:
+        self._monitor = monitor
+        self._limit = limit
+        # JSON, not Event: a queued event must not keep its snapshot alive.
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._missed = 0
+        self.close = monitor.subscribe(self._add)
+
+    def _add(self, event: Event) -> None:
+        if len(self._queue) >= self._limit:
+            self._missed += len(self._queue)
+            self._queue.clear()
+        self._queue.append(event.to_json())
+        self._ready.set()
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        while True:
+            await self._ready.wait()
+            if self._missed:
+                snapshot = self._monitor.snapshot.to_json()
+                # Events the snapshot already contains are dropped with it.
+                while self._queue and self._queue[0]["generation"] <= snapshot["generation"]:
+                    self._queue.popleft()
+                    self._missed += 1
+                missed, self._missed = self._missed, 0
+                yield {"event": "snapshot", "missed": missed, "snapshot": snapshot}
+            while self._queue and not self._missed:
+                yield self._queue.popleft()
+            if not self._queue:
+                self._ready.clear()

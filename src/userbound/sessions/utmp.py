@@ -113,6 +113,9 @@ class UtmpMonitor(Monitor):
         self._folder = os.path.dirname(self.path)
         self._inotify: int | None = None
 
+    def describe_source(self) -> str:
+        return f"utmp at {self.path}"
+
     async def _open_source(self) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         descriptor = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
