@@ -21,13 +21,14 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from figures import summary
 
 from userbound.lab.logind import (
     SEAT,
@@ -45,22 +46,6 @@ ALICE = 2001
 BOB = 2002
 RESULTS = Path(__file__).parent / "results" / "sessions.json"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "count": len(values),
-        "min": min(values),
-        "p50": statistics.median(values),
-        "p90": percentile(values, 0.90),
-        "p99": percentile(values, 0.99),
-        "max": max(values),
-    }
 
 
 async def two_users(logind: LogindPuppet) -> None:

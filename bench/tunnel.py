@@ -23,27 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from figures import summary
+
 from userbound.lab.testbed import PRIVATE_V4, Testbed, run
 from userbound.protocol import call
 
 ALICE = 2001
 RESULTS = Path(__file__).parent / "results" / "tunnel.json"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "count": len(values),
-        "min": min(values),
-        "median": statistics.median(values),
-        "p90": percentile(values, 0.90),
-        "p99": percentile(values, 0.99),
-        "max": max(values),
-    }
 
 
 def up_to_first_packet(bed: Testbed, rounds: int) -> dict[str, Any]:

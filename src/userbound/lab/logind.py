@@ -4,7 +4,7 @@
 folder of its own.  `SimulatedLogind` runs python-dbusmock with the template
 in logind_template.py, which owns org.freedesktop.login1 on that bus.
 `LogindPuppet` (dbus-fast) changes its sessions and seats silently and sends
-only the signals a scenario asks for: what logind would emit, or less.
+only the signals a scenario requests: what logind would emit, or less.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import dbus
 from dbusmock import MOCK_IFACE, mockobject
 from dbusmock.templates import logind
 
+from userbound.lab.logind import escape_path
+
 BUS_NAME = logind.BUS_NAME
 MAIN_OBJ = logind.MAIN_OBJ
 MAIN_IFACE = logind.MAIN_IFACE
@@ -42,19 +44,8 @@ def load(mock, parameters):
             SetActiveQuietly(mock, properties.get("Seat", "seat0"), session_id)
 
 
-def _escape(text):
-    """Escape a name into an object path element, as sd_bus_path_encode does."""
-    out = []
-    for index, char in enumerate(text):
-        if (char.isalpha() and char.isascii()) or (char.isdigit() and index > 0):
-            out.append(char)
-        else:
-            out.append(f"_{ord(char):02x}")
-    return "".join(out) or "_"
-
-
 def _session_path(session_id):
-    return dbus.ObjectPath(f"{ROOT}/session/{_escape(session_id)}")
+    return dbus.ObjectPath(f"{ROOT}/session/{escape_path(session_id)}")
 
 
 def _add_to_list(path, interface, entry):
@@ -73,14 +64,14 @@ def _remove_from_list(path, interface, session_id):
 
 
 def _add_seat(self, seat):
-    path = dbus.ObjectPath(f"{ROOT}/seat/{_escape(seat)}")
+    path = dbus.ObjectPath(f"{ROOT}/seat/{escape_path(seat)}")
     if path not in mockobject.objects:
         self.AddSeat(seat)
     return path
 
 
 def _add_user(self, uid, name):
-    path = dbus.ObjectPath(f"{ROOT}/user/{_escape(str(uid))}")
+    path = dbus.ObjectPath(f"{ROOT}/user/{escape_path(str(uid))}")
     if path not in mockobject.objects:
         self.AddObject(
             path,
@@ -191,7 +182,7 @@ def DropPropertyQuietly(self, path, interface, name):
 @dbus.service.method(MOCK_IFACE, in_signature="ss", out_signature="")
 def SetActiveQuietly(self, seat, session_id):
     """Put a session in front of a seat, and set Active on the seat's sessions, silently."""
-    seat_path = dbus.ObjectPath(f"{ROOT}/seat/{_escape(seat)}")
+    seat_path = dbus.ObjectPath(f"{ROOT}/seat/{escape_path(seat)}")
     seat_props = mockobject.objects[seat_path].props[SEAT_IFACE]
     target = _session_path(session_id) if session_id else NO_OBJECT
     seat_props["ActiveSession"] = (session_id, target)

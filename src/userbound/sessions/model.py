@@ -73,7 +73,7 @@ class Session:
 
     @property
     def identity(self) -> tuple[str, int | None, int]:
-        """The key that tells two sessions apart, also across a reused id."""
+        """The key that distinguishes two sessions, also across a reused id."""
         return (self.id, self.uid, self.timestamp)
 
     def to_json(self, *, seats_known: bool = True) -> dict[str, Any]:

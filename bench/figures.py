@@ -1,0 +1,21 @@
+"""Summaries of timings, shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "count": len(values),
+        "min": min(values),
+        "median": statistics.median(values),
+        "p90": percentile(values, 0.90),
+        "p99": percentile(values, 0.99),
+        "max": max(values),
+    }
