@@ -482,3 +482,23 @@ def test_invalid_bus_address_is_unknown() -> None:
     snapshot = asyncio.run(main())
     assert not snapshot.known
     assert snapshot.reason.startswith("cannot connect to the system bus at garbage: ")
+
+
+def test_unknown_state_is_read_again(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    """While unknown, the monitor reads again with backoff, not only on a signal."""
+
+    async def scenario(monitor: LogindMonitor, follow: Follower, logind: LogindPuppet) -> None:
+        await follow.step(logind.login("2", ALICE, "alice", activate=True))
+        path = session_path("2")
+        await logind.drop_property(path, SESSION, "LockedHint")
+        await follow.step(logind.emit_properties_changed(path, SESSION, [], ["LockedHint"]))
+        assert not monitor.snapshot.known
+        follow.take()
+        # logind recovers and says nothing.
+        await logind.set_raw(path, SESSION, {"LockedHint": Variant("b", value=True)})
+        async with asyncio.timeout(5):
+            while not monitor.snapshot.known:
+                await asyncio.sleep(0.05)
+        assert follow.take() == ["sessions-known", "session-locked 2"]
+
+    play(bus, scenario, retry_first=0.1)

@@ -131,6 +131,7 @@ class Monitor:
             try:
                 await self._open_source()
                 delay = self._retry_first
+                retry = self._retry_first
                 while True:
                     signal_time = self._notice_time
                     self._notice_time = None
@@ -150,9 +151,18 @@ class Monitor:
                         (loop.time() - started) * 1000,
                     )
                     self._publish(replace(snapshot, cause=cause, signal_time=signal_time))
+                    # While the state is unknown (logind slow, or sending bad
+                    # replies), read again with backoff, not only on the next notice.
+                    if snapshot.known:
+                        wait, retry = self.resync_interval, self._retry_first
+                    else:
+                        wait, retry = (
+                            min(retry, self.resync_interval),
+                            min(retry * 2, self._retry_max),
+                        )
                     # A source that signals without pause gets at most half
                     # of this process's time for reads.
-                    cause = await self._wait_for_notice(rest=loop.time() - started)
+                    cause = await self._wait_for_notice(rest=loop.time() - started, longest=wait)
             except SourceUnavailable as error:
                 reason = str(error)
             except Exception as error:
@@ -169,8 +179,8 @@ class Monitor:
             delay = min(delay * 2, self._retry_max)
             cause = "reconnect"
 
-    async def _wait_for_notice(self, rest: float) -> str:
-        """Sleep until a burst of notices ends or the resync interval passes.
+    async def _wait_for_notice(self, rest: float, longest: float) -> str:
+        """Sleep until a burst of notices ends or `longest` seconds pass.
 
         After a notice, the next read starts no sooner than `rest` seconds
         after the last one ended.
@@ -178,7 +188,7 @@ class Monitor:
         loop = asyncio.get_running_loop()
         earliest = loop.time() + rest
         try:
-            async with asyncio.timeout(self.resync_interval):
+            async with asyncio.timeout(longest):
                 await self._notice.wait()
         except TimeoutError:
             return "resync"
