@@ -259,16 +259,17 @@ def test_reused_id_is_another_session(bus: PrivateBus, logind: SimulatedLogind) 
         before = monitor.reads
         await replace_alice_by_bob()
         await follow.settle(before)
-        started, switched, ended = (event.to_json() for event in follow.events)
+        ended, started, switched = (event.to_json() for event in follow.events)
         assert follow.take() == [
+            "session-ended 2",
             "session-started 2",
             "seat-switched seat0 2>2",
-            "session-ended 2",
         ]
         assert started["session"]["user"] == "bob"
         assert switched["from"]["user"] == "alice"
         assert switched["to"]["user"] == "bob"
         assert ended["session"]["user"] == "alice"
+        assert started["session"]["timestamp"] != ended["session"]["timestamp"]
         assert front(monitor.snapshot) == "bob"
 
     play(bus, scenario)
@@ -346,9 +347,9 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
         assert follow.take() == [
             "sessions-unknown",
             "sessions-known",
+            "session-ended 2",
             "session-started 2",
             "seat-switched seat0 2>2",
-            "session-ended 2",
         ]
         assert front(monitor.snapshot) == "bob"
 

@@ -82,6 +82,10 @@ def test_named_socket_never_falls_back(bus: PrivateBus, logind: SimulatedLogind)
     assert result.returncode == 4
     assert result.stdout == ""
     assert "cannot reach the userbound daemon at /nonexistent/control.sock" in result.stderr
+    if subprocess.run([str(USERBOUND), "status"], capture_output=True, check=False).returncode:
+        # Naming the default path is naming it too.
+        named_default = sessions_cli(bus.address, "--control-socket", DEFAULT_SOCKET)
+        assert named_default.returncode == 4
 
 
 def test_direct_reading_says_why_sessions_are_unknown(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 import os
-import signal
+import select
 import stat
 import sys
 import time
@@ -27,7 +27,7 @@ from userbound.errors import (
     UserboundError,
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
-from userbound.protocol import DEFAULT_SOCKET, call, socket_path, stream
+from userbound.protocol import call, socket_path, stream
 from userbound.sessions.model import SOURCES, describe_event, printable
 from userbound.wgconfig import MAX_CONFIG_BYTES
 
@@ -53,6 +53,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a program killed by SIGPIPE
 FOLLOW_LIMIT = 10_000  # events queued for --follow before it shows the whole state instead
 MIN_RESYNC_INTERVAL = 1.0
 MAX_RESYNC_INTERVAL = 86400.0
@@ -215,10 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    if arguments.command not in ("daemon", "lab"):
-        # `userbound sessions | head` ends quietly, as other command-line tools do.
-        # The daemon and the lab must clean up, so they keep Python's handling.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         if arguments.command == "daemon":
             return run_daemon(arguments)
@@ -246,7 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # `userbound sessions | head` ends quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     raise AssertionError(arguments.command)
+
+
+def _stdout_closed() -> bool:
+    """Return whether the reader of standard output has gone (a pipe's reader exited)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _users(values: list[str]) -> list[str | int]:
@@ -368,13 +378,14 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
 def command_sessions(path: str, arguments: argparse.Namespace) -> int:
     """Show sessions from the daemon, or read them directly when no daemon runs."""
     direct = arguments.direct or arguments.source is not None
+    named = getattr(arguments, "control_socket", None) or os.environ.get("USERBOUND_SOCKET")
     if not direct:
         try:
             return sessions_from_daemon(path, arguments)
         except DaemonNotRunning:
             # Only the default socket falls back: a socket the caller named
             # must be the daemon they meant.
-            if path != DEFAULT_SOCKET:
+            if named:
                 raise
             print(f"userbound: no daemon at {path}; reading sessions directly", file=sys.stderr)
     return sessions_direct(arguments)

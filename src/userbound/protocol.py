@@ -5,7 +5,8 @@ A request is `{"version": 1, "command": "...", "params": {...}}`.  A reply is
 `{"version": 1, "ok": false, "error": {"code": "...", "message": "..."}}`.
 Each is one line of JSON.  A request that follows something (`watch-sessions`)
 gets its reply, then `{"version": 1, "event": {...}}` lines until either side
-closes, or a last `{"version": 1, "error": {...}}` line.  This module stays
+closes, or a last `{"version": 1, "error": {...}}` line.  Its client keeps the
+sending side open: anything it sends, or a half-close, ends the stream.  This module stays
 free of asyncio and netlink, so the CLI starts fast.
 """
 

@@ -20,7 +20,7 @@ from userbound.sessions.model import (
     printable,
 )
 from userbound.sessions.monitor import Follower, Monitor
-from userbound.sessions.utmp import RECORD, USER_PROCESS, UtmpMonitor, read_utmp
+from userbound.sessions.utmp import BOOT_TIME, RECORD, USER_PROCESS, UtmpMonitor, read_utmp
 
 
 def snapshot(*sessions: Session, front: str = "") -> Snapshot:
@@ -212,9 +212,11 @@ def test_reused_id_is_another_session() -> None:
     before = snapshot(Session("2", 2001, "alice", seat="seat0", timestamp=1), front="2")
     after = snapshot(Session("2", 2002, "bob", seat="seat0", timestamp=2), front="2")
     events = derive_events(before, after)
-    assert kinds(events) == ["session-started", "seat-switched", "session-ended"]
-    assert events[0].session is not None and events[0].session.user == "bob"
-    assert events[2].session is not None and events[2].session.user == "alice"
+    assert kinds(events) == ["session-ended", "session-started", "seat-switched"]
+    assert events[0].session is not None
+    assert events[0].session.user == "alice"
+    assert events[1].session is not None
+    assert events[1].session.user == "bob"
 
 
 def test_sessions_known_carries_the_snapshot() -> None:
@@ -262,5 +264,37 @@ def test_follower_keeps_order_within_its_limit() -> None:
         monitor._publish(snapshot(ALICE, BOB, front="3"))
         events = await _take(follower, 2)
         assert [e["event"] for e in events] == ["session-started", "seat-switched"]
+
+    asyncio.run(main())
+
+
+def test_utmp_login_before_a_clock_step(tmp_path: Path) -> None:
+    """The BOOT_TIME record corrects for a wall clock stepped forward after boot."""
+    path = tmp_path / "utmp"
+    btime = next(
+        int(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    hour = 3600
+    login = _record(USER_PROCESS, os.getpid(), "tty1", "root", "", when=time.time() - hour)
+    path.write_bytes(login)
+    assert read_utmp(str(path)) == []  # no record of the boot: the step is unknown
+    path.write_bytes(_record(BOOT_TIME, 0, "~", "reboot", "", when=btime - hour) + login)
+    assert [s.tty for s in read_utmp(str(path))] == ["tty1"]
+
+
+def test_follower_sends_sessions_known_with_the_state() -> None:
+    async def main() -> None:
+        monitor = StaticSource()
+        monitor._publish(snapshot(ALICE, front="2"))
+        follower = Follower(monitor, limit=10)
+        monitor._publish(Snapshot.unknown(Source.LOGIND, "logind restarts"))
+        monitor._publish(snapshot(ALICE, BOB, front="2"))
+        unknown, known, started = await _take(follower, 3)
+        assert unknown["event"] == "sessions-unknown"
+        assert known["event"] == "sessions-known"
+        assert [s["id"] for s in known["snapshot"]["sessions"]] == ["2", "3"]
+        assert started["event"] == "session-started"
 
     asyncio.run(main())

@@ -95,6 +95,7 @@ class Session:
             "idle": self.idle,
             "leader": self.leader,
             "tty": self.tty or None,
+            "timestamp": self.timestamp or None,
         }
 
 
@@ -343,4 +344,9 @@ def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
                     current_id=now,
                 )
             )
-    return started + switches + locks + ended
+    # A session that ended first where another took its id, so that a
+    # consumer that keys sessions by id sees the end before the start.
+    reused = {e.session.id for e in started if e.session is not None}
+    ended_first = [e for e in ended if e.session is not None and e.session.id in reused]
+    ended_last = [e for e in ended if e not in ended_first]
+    return ended_first + started + switches + locks + ended_last

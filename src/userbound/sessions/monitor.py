@@ -244,8 +244,10 @@ class Follower:
     def __init__(self, monitor: Monitor, limit: int) -> None:
         self._monitor = monitor
         self._limit = limit
-        # JSON, not Event: a queued event must not keep its snapshot alive.
-        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        # JSON, not Event, so that a queued event does not keep its snapshot
+        # alive.  sessions-known is the exception: its JSON holds the whole
+        # snapshot, which all followers share until each sends it.
+        self._queue: collections.deque[dict[str, Any] | Event] = collections.deque()
         self._ready = asyncio.Event()
         self._missed = 0
         self.close = monitor.subscribe(self._add)
@@ -254,7 +256,7 @@ class Follower:
         if len(self._queue) >= self._limit:
             self._missed += len(self._queue)
             self._queue.clear()
-        self._queue.append(event.to_json())
+        self._queue.append(event if event.kind is EventKind.SESSIONS_KNOWN else event.to_json())
         self._ready.set()
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
@@ -263,12 +265,20 @@ class Follower:
             if self._missed:
                 snapshot = self._monitor.snapshot.to_json()
                 # Events the snapshot already contains are dropped with it.
-                while self._queue and self._queue[0]["generation"] <= snapshot["generation"]:
+                while self._queue and _generation(self._queue[0]) <= snapshot["generation"]:
                     self._queue.popleft()
                     self._missed += 1
                 missed, self._missed = self._missed, 0
                 yield {"event": "snapshot", "missed": missed, "snapshot": snapshot}
             while self._queue and not self._missed:
-                yield self._queue.popleft()
+                item = self._queue.popleft()
+                yield item.to_json() if isinstance(item, Event) else item
             if not self._queue:
                 self._ready.clear()
+
+
+def _generation(item: dict[str, Any] | Event) -> int:
+    if isinstance(item, Event):
+        return item.snapshot.generation
+    generation: int = item["generation"]
+    return generation

@@ -23,6 +23,7 @@ from userbound.sessions.model import Session, Snapshot, Source
 from userbound.sessions.monitor import Monitor, SourceUnavailable
 
 UTMP_PATH = "/run/utmp"
+BOOT_TIME = 2
 USER_PROCESS = 7
 # struct utmp of glibc on 64-bit Linux (also on x86_64 with 32-bit times).
 RECORD = struct.Struct("<hxxi32s4s32s256shhi2i16s20x")
@@ -42,10 +43,21 @@ IN_CLOEXEC = 0o2000000
 def read_utmp(path: str) -> list[Session]:
     """Return the live logins in a utmp file; raise OSError when it cannot be read."""
     data = Path(path).read_bytes()
+    records = [
+        RECORD.unpack_from(data, offset)
+        for offset in range(0, len(data) - RECORD.size + 1, RECORD.size)
+    ]
+    # /proc/stat's btime moves with every step of the wall clock, while utmp
+    # keeps the times written before the step.  The BOOT_TIME record, written
+    # at boot, shows how far the clock has stepped forward since.
+    # NOTE: without that record, a login from before a forward step of more
+    # than CLOCK_SLACK looks stale and is left out.
     boot_time = _boot_time()
+    recorded_boots = [r[9] for r in records if r[0] == BOOT_TIME]
+    if recorded_boots:
+        boot_time = min(boot_time, recorded_boots[-1])
     sessions = []
-    for offset in range(0, len(data) - RECORD.size + 1, RECORD.size):
-        kind, pid, line, _, user, host, _, _, _, seconds, _, _ = RECORD.unpack_from(data, offset)
+    for kind, pid, line, _, user, host, _, _, _, seconds, _, _ in records:
         if kind != USER_PROCESS or pid <= 0 or not _alive_since(pid, seconds, boot_time):
             continue
         name = _text(user)
