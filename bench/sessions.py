@@ -188,14 +188,18 @@ def many_sessions(bus: PrivateBus, bed: Testbed, count: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--switches", type=int, default=1000)
-    parser.add_argument("--idle", type=float, default=60.0)
-    parser.add_argument("--sessions", type=int, default=10_000)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--switches", type=int, default=1000, help="fast user switches to time")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds to watch the idle daemon")
+    parser.add_argument(
+        "--sessions", type=int, default=10_000, help="sessions for the memory figure"
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON file for the figures")
     arguments = parser.parse_args()
+
     if os.geteuid() != 0:
         print("bench/sessions.py: run as root (it builds network namespaces)", file=sys.stderr)
         return 3
+
     figures: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -214,6 +218,7 @@ def main() -> int:
                 print(json.dumps(figures["idle_daemon"]), flush=True)
                 figures["many_sessions"] = many_sessions(bus, bed, arguments.sessions)
                 print(json.dumps(figures["many_sessions"]), flush=True)
+
     arguments.output.parent.mkdir(parents=True, exist_ok=True)
     arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"written to {arguments.output}")

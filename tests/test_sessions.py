@@ -41,9 +41,9 @@ class Follower:
 
     def take(self) -> list[str]:
         """Return the events so far, each as one short string, and forget them."""
-        taken = [_short(event) for event in self.events]
+        described = [_short(event) for event in self.events]
         self.events.clear()
-        return taken
+        return described
 
     async def settle(self, reads_before: int, timeout: float = 10.0) -> None:
         """Wait until the monitor read again after a step and has nothing pending."""
@@ -495,7 +495,7 @@ def test_unknown_state_is_read_again(bus: PrivateBus, logind: SimulatedLogind) -
         await follow.step(logind.emit_properties_changed(path, SESSION, [], ["LockedHint"]))
         assert not monitor.snapshot.known
         follow.take()
-        # logind recovers and says nothing.
+        # logind recovers without sending any signal.
         await logind.set_raw(path, SESSION, {"LockedHint": Variant("b", value=True)})
         async with asyncio.timeout(5):
             while not monitor.snapshot.known:

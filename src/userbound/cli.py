@@ -269,7 +269,7 @@ def run_daemon(arguments: argparse.Namespace) -> int:
         return EXIT_NOT_PERMITTED
     import asyncio
 
-    from userbound.daemon import run_daemon as run
+    from userbound.daemon import Daemon
 
     under_journal = "JOURNAL_STREAM" in os.environ
     logging.basicConfig(
@@ -281,8 +281,9 @@ def run_daemon(arguments: argparse.Namespace) -> int:
     )
     if not arguments.restart_delay > 0:
         raise InvalidRequest(f"--restart-delay {arguments.restart_delay} must be above 0 seconds")
-    asyncio.run(
-        run(
+
+    async def run() -> None:
+        daemon = Daemon(
             socket_path(getattr(arguments, "control_socket", None)),
             arguments.state_dir,
             arguments.data_plane,
@@ -290,7 +291,9 @@ def run_daemon(arguments: argparse.Namespace) -> int:
             arguments.sessions,
             arguments.resync_interval,
         )
-    )
+        await daemon.run()
+
+    asyncio.run(run())
     return EXIT_OK
 
 

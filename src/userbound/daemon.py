@@ -692,18 +692,3 @@ def _is_wireguard_go(pid: int, interface: str) -> bool:
         and arguments[0].endswith(b"wireguard-go")
         and interface.encode() in arguments
     )
-
-
-async def run_daemon(
-    control_socket: str,
-    state_dir: str,
-    data_plane_kind: str = "auto",
-    restart_delay: float = RESTART_DELAY_FIRST,
-    sessions_source: str = "auto",
-    resync_interval: float = RESYNC_INTERVAL,
-) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
-    daemon = Daemon(
-        control_socket, state_dir, data_plane_kind, restart_delay, sessions_source, resync_interval
-    )
-    await daemon.run()

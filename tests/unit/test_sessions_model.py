@@ -67,8 +67,8 @@ def test_switch_to_the_greeter_and_logout() -> None:
     assert describe_event(event.to_json()) == (
         "seat-switched seat0: alice (user, session 2) -> lightdm (greeter, session c1)"
     )
-    gone = snapshot(GREETER, front="c1")
-    assert kinds(derive_events(after, gone)) == ["session-ended"]
+    logged_out = snapshot(GREETER, front="c1")
+    assert kinds(derive_events(after, logged_out)) == ["session-ended"]
 
 
 def test_closing_counts_as_ended_once() -> None:

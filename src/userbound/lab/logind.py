@@ -73,11 +73,11 @@ def seat_path(seat: str) -> str:
     return f"{ROOT}/seat/{escape_path(seat)}"
 
 
-def _wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
+def _wait_for(condition: Any, description: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not happen within {timeout:.0f} s")
+            raise RuntimeError(f"{description} did not happen within {timeout:.0f} s")
         time.sleep(0.01)
 
 

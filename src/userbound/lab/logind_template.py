@@ -99,11 +99,13 @@ def AddLoginSession(self, session_id, properties):
         raise dbus.exceptions.DBusException(
             f"session {session_id} already exists", name=MOCK_IFACE + ".SessionExists"
         )
+
     uid = int(properties.get("UID", 0))
     name = str(properties.get("Name", f"user{uid}"))
     seat = str(properties.get("Seat", "seat0"))
     seat_path = _add_seat(self, seat) if seat else NO_OBJECT
     user_path = _add_user(self, uid, name)
+
     values = {
         "Id": session_id,
         "Name": name,
@@ -143,6 +145,7 @@ def AddLoginSession(self, session_id, properties):
             ("Terminate", "", "", ""),
         ],
     )
+
     if seat:
         _add_to_list(seat_path, SEAT_IFACE, (session_id, path))
     _add_to_list(user_path, USER_IFACE, (session_id, path))

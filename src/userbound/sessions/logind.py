@@ -145,7 +145,8 @@ class LogindMonitor(Monitor):
             ) from None
         self._bus = bus
         self._lost = False
-        # Per connection: calls of an abandoned read still hold their slots.
+        # A new limit per connection, because calls of a read abandoned on an
+        # old connection may still hold slots of the old limit.
         self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
         bus.add_message_handler(self._on_message)
         try:

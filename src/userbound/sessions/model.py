@@ -344,8 +344,8 @@ def derive_events(previous: Snapshot | None, current: Snapshot) -> list[Event]:
                     current_id=now,
                 )
             )
-    # A session that ended first where another took its id, so that a
-    # consumer that keys sessions by id sees the end before the start.
+    # A session whose id another session took ends first, so that a consumer
+    # that keys sessions by id gets the end before the start.
     reused = {e.session.id for e in started if e.session is not None}
     ended_first = [e for e in ended if e.session is not None and e.session.id in reused]
     ended_last = [e for e in ended if e not in ended_first]

@@ -245,8 +245,8 @@ class Follower:
         self._monitor = monitor
         self._limit = limit
         # JSON, not Event, so that a queued event does not keep its snapshot
-        # alive.  sessions-known is the exception: its JSON holds the whole
-        # snapshot, which all followers share until each sends it.
+        # alive.  sessions-known is the exception because its JSON contains
+        # the whole snapshot: followers share the Event until each sends it.
         self._queue: collections.deque[dict[str, Any] | Event] = collections.deque()
         self._ready = asyncio.Event()
         self._missed = 0

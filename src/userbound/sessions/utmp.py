@@ -25,7 +25,7 @@ from userbound.sessions.monitor import Monitor, SourceUnavailable
 UTMP_PATH = "/run/utmp"
 BOOT_TIME = 2
 USER_PROCESS = 7
-# struct utmp of glibc on 64-bit Linux (also on x86_64 with 32-bit times).
+# glibc's struct utmp on 64-bit Linux: 384 bytes, with 32-bit ut_tv fields.
 RECORD = struct.Struct("<hxxi32s4s32s256shhi2i16s20x")
 
 CLOCK_SLACK = 2.0  # seconds between a login's process start and its utmp record, at most
@@ -47,19 +47,22 @@ def read_utmp(path: str) -> list[Session]:
         RECORD.unpack_from(data, offset)
         for offset in range(0, len(data) - RECORD.size + 1, RECORD.size)
     ]
+
     # /proc/stat's btime moves with every step of the wall clock, while utmp
     # keeps the times written before the step.  The BOOT_TIME record, written
     # at boot, shows how far the clock has stepped forward since.
     # NOTE: without that record, a login from before a forward step of more
     # than CLOCK_SLACK looks stale and is left out.
     boot_time = _boot_time()
-    recorded_boots = [r[9] for r in records if r[0] == BOOT_TIME]
+    recorded_boots = [seconds for kind, *_, seconds, _, _ in records if kind == BOOT_TIME]
     if recorded_boots:
         boot_time = min(boot_time, recorded_boots[-1])
+
     sessions = []
     for kind, pid, line, _, user, host, _, _, _, seconds, _, _ in records:
         if kind != USER_PROCESS or pid <= 0 or not _alive_since(pid, seconds, boot_time):
             continue
+
         name = _text(user)
         uid: int | None = None
         # A name that fills the field may be cut short, and then it would
@@ -67,6 +70,7 @@ def read_utmp(path: str) -> list[Session]:
         if b"\0" in user:
             with contextlib.suppress(KeyError):
                 uid = pwd.getpwnam(name).pw_uid
+
         tty = _text(line)
         remote_host = _text(host)
         local_display = remote_host.startswith(":")
@@ -132,7 +136,7 @@ class UtmpMonitor(Monitor):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         descriptor = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if descriptor < 0:
-            raise SourceUnavailable(f"inotify: {os.strerror(ctypes.get_errno())}")
+            raise SourceUnavailable(f"cannot start inotify: {os.strerror(ctypes.get_errno())}")
         folder = self._folder.encode()
         mask = (
             IN_MODIFY
