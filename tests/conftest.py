@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -9,14 +10,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from userbound.lab.logind import PrivateBus, SimulatedLogind
+from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
 from userbound.lab.testbed import Testbed, remove_leftovers, run
 
 ALICE = 2001
@@ -63,6 +64,16 @@ def missing_bus_tools() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"this test {missing}, and CI must run every test")
     pytest.skip(f"this test {missing}")
+
+
+def puppet(address: str, play: Callable[[LogindPuppet], Awaitable[Any]]) -> None:
+    """Play a scenario on the simulated logind at this bus address."""
+
+    async def main() -> None:
+        async with LogindPuppet.connect(address) as logind:
+            await play(logind)
+
+    asyncio.run(main())
 
 
 @pytest.fixture
@@ -120,8 +131,17 @@ class Lab:
             )
             time.sleep(0.05)
 
-    def restart_daemon(self) -> None:
-        self.daemon = self.bed.start_daemon()
+    def restart_daemon(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.daemon = self.bed.start_daemon(*extra, env=env)
+
+    def use_policy(self, text: str, *extra: str, env: dict[str, str] | None = None) -> Path:
+        """Restart the daemon with this policy file; return the file."""
+        path = self.bed.directory / "policy.toml"
+        path.write_text(text)
+        if self.daemon.poll() is None:
+            self.stop_daemon()
+        self.restart_daemon("--policy", str(path), *extra, env=env)
+        return path
 
     def stop_daemon(self, signum: int = signal.SIGTERM) -> None:
         self.daemon.send_signal(signum)

@@ -107,6 +107,8 @@ def test_connecting_tunnel_blocks_owner(lab: Lab) -> None:
 
 
 def test_without_kill_switch_traffic_leaves(lab: Lab) -> None:
+    # The policy decides whether a user may go without the kill switch.
+    lab.use_policy("kill_switch = false\n")
     name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()), "--no-kill-switch")
 
     set_link(lab, name, "down")

@@ -27,6 +27,7 @@ from userbound.errors import (
     UserboundError,
 )
 from userbound.names import NAME_PATTERN, RESERVED_NAMES
+from userbound.policy import MAX_GRACE_PERIOD
 from userbound.protocol import call, socket_path, stream
 from userbound.sessions.model import SOURCES, describe_event, printable
 from userbound.wgconfig import MAX_CONFIG_BYTES
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the whole session state again this often, even without a signal; "
         f"{MIN_RESYNC_INTERVAL:.0f} to {MAX_RESYNC_INTERVAL:.0f} (default: 30)",
     )
+    daemon.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="policy file (default: /etc/userbound/policy.toml when it exists, else the "
+        "built-in defaults); SIGHUP reads it again",
+    )
     daemon.add_argument("--debug", action="store_true", help="log debug messages")
 
     up = add_command("up", "bring up a tunnel from a wg-quick file")
@@ -155,21 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--owner", metavar="USER", help="owner, as user name or uid (root only; default: you)"
     )
-    up.add_argument(
-        "--allow",
-        metavar="USER",
-        action="append",
-        default=[],
-        help="also let this user into the tunnel (root only; repeatable)",
-    )
-    up.add_argument(
-        "--no-kill-switch",
-        action="store_true",
-        help="let the owner's traffic leave outside the tunnel while it is not up",
-    )
+    add_settings(up)
 
     down = add_command("down", "bring a tunnel down and remove it")
     down.add_argument("name", metavar="NAME")
+
+    resume = add_command(
+        "resume", "resume a tunnel the policy suspended once its cause has cleared"
+    )
+    resume.add_argument("name", metavar="NAME")
+
+    events = add_command(
+        "events",
+        "show the audit events: what the policy decided for each tunnel and why "
+        "(a user sees those of their own tunnels)",
+    )
+    events.add_argument("--json", action="store_true", help="print one JSON object a line")
+    events.add_argument("--follow", action="store_true", help="then print each new event")
 
     status = add_command("status", "show tunnels")
     status.add_argument("name", metavar="NAME", nargs="?")
@@ -214,6 +223,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ACTIONS = ("keep", "suspend", "disconnect")
+
+
+def _grace_period(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_GRACE_PERIOD:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: give seconds from 0 to {MAX_GRACE_PERIOD:.0f}"
+        )
+    return seconds
+
+
+def add_settings(up: argparse.ArgumentParser) -> None:
+    """Add the policy's per-tunnel settings as options of `up`."""
+    group = up.add_argument_group(
+        "settings",
+        "Each overrides the policy for this tunnel. A user may ask for stricter values than "
+        "the policy gives (keep < suspend < disconnect, kill switch on, fewer users, a "
+        "shorter grace period), never looser ones; root may ask for any.",
+    )
+    group.add_argument("--scope", choices=("owner", "system"), help="who enters the tunnel")
+    group.add_argument(
+        "--allow",
+        metavar="USER",
+        action="append",
+        help="let this user into the tunnel, in place of the policy's allow_users (repeatable)",
+    )
+    group.add_argument(
+        "--allow-group",
+        metavar="GROUP",
+        action="append",
+        help="let this group's members in, in place of the policy's allow_groups (repeatable)",
+    )
+    group.add_argument(
+        "--only-owner",
+        action="store_true",
+        help="let no other user in, whatever allow_users and allow_groups the policy gives",
+    )
+    for rule, choices, what in (
+        ("switch-away", ACTIONS, "another session takes the owner's seat"),
+        ("lock", ACTIONS, "the owner's sessions are locked"),
+        ("remote-session", ACTIONS, "another user has a remote session"),
+        ("owner-logout", ("keep", "disconnect"), "the owner's last session ends"),
+    ):
+        group.add_argument(f"--on-{rule}", choices=choices, help=f"what happens when {what}")
+    group.add_argument(
+        "--reconnect-on-return",
+        action=argparse.BooleanOptionalAction,
+        help="undo a suspend or disconnect once its cause clears",
+    )
+    group.add_argument(
+        "--grace-period",
+        metavar="SECONDS",
+        type=_grace_period,
+        help="how long a cause must last before its action",
+    )
+    group.add_argument(
+        "--kill-switch",
+        action=argparse.BooleanOptionalAction,
+        help="block the owner's traffic to the tunnel's networks while it is not up",
+    )
+
+
+def requested_settings(arguments: argparse.Namespace) -> dict[str, Any]:
+    """Return the settings given as options of `up`, as the policy file names them."""
+    settings: dict[str, Any] = {}
+    for key in (
+        "scope",
+        "on_switch_away",
+        "on_lock",
+        "on_remote_session",
+        "on_owner_logout",
+        "reconnect_on_return",
+        "grace_period",
+        "kill_switch",
+    ):
+        value = getattr(arguments, key)
+        if value is not None:
+            settings[key] = value
+    if arguments.only_owner:
+        if arguments.allow or arguments.allow_group:
+            raise InvalidRequest("--only-owner contradicts --allow and --allow-group; give one")
+        settings["allow_users"], settings["allow_groups"] = [], []
+    if arguments.allow:
+        settings["allow_users"] = _users(arguments.allow)
+    if arguments.allow_group:
+        settings["allow_groups"] = arguments.allow_group
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
@@ -229,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "down":
             call(path, "down", {"name": arguments.name})
             return EXIT_OK
+        if arguments.command == "resume":
+            result = call(path, "resume", {"name": arguments.name})
+            print(f"{result['name']}: {result['state']}")
+            return EXIT_OK
+        if arguments.command == "events":
+            return command_events(path, arguments)
         if arguments.command == "status":
             return command_status(path, arguments)
         if arguments.command == "sessions":
@@ -290,6 +398,7 @@ def run_daemon(arguments: argparse.Namespace) -> int:
             arguments.restart_delay,
             arguments.sessions,
             arguments.resync_interval,
+            arguments.policy,
         )
         await daemon.run()
 
@@ -336,15 +445,18 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
     params: dict[str, Any] = {
         "config": text,
         "name": name,
-        "kill_switch": not arguments.no_kill_switch,
+        "settings": requested_settings(arguments),
     }
     if arguments.owner is not None:
         owner = arguments.owner
         params["owner"] = int(owner) if is_uid_text(owner) else owner
-    if arguments.allow:
-        params["allow"] = _users(arguments.allow)
     result = call(path, "up", params)
     print(result["name"])
+    if result["state"] != "up":
+        print(
+            f"userbound: tunnel {result['name']} is {result['state']}: {result['reason']}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -366,8 +478,26 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
         handshake = tunnel["last_handshake"]
         ago = f"{time.time() - handshake:.0f} s ago" if handshake else "never"
         print(f"  interface:      {tunnel['interface']} ({tunnel['data_plane']})")
-        print(f"  allowed uids:   {' '.join(str(u) for u in tunnel['allowed_uids'])}")
+        allowed = tunnel["allowed_uids"]
+        if isinstance(allowed, list):
+            allowed = " ".join(str(u) for u in allowed)
+        print(f"  allowed uids:   {allowed}")
         print(f"  kill switch:    {'on' if tunnel['kill_switch'] else 'off'}")
+        policy = tunnel["policy"]
+        if policy["rule"] is None:
+            print("  policy:         no rule applies")
+        else:
+            print(f"  policy:         {policy['rule']} = {policy['action']}: {policy['reason']}")
+        if policy["pending"]:
+            print(f"                  {policy['pending']} waits for the grace period")
+        print("  settings:")
+        for key, setting in tunnel["settings"].items():
+            value = setting["value"]
+            if isinstance(value, list):
+                value = " ".join(str(v) for v in value) or "-"
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            print(f"    {key:<20} {value!s:<11} ({setting['source']})")
         dns = " ".join(tunnel["dns_servers"]) or "-"
         if tunnel["dns_search"]:
             dns += " (search domains, not applied: " + " ".join(tunnel["dns_search"]) + ")"
@@ -376,6 +506,57 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
         print(f"  last handshake: {ago}")
         print(f"  transfer:       {tunnel['rx_bytes']} B received, {tunnel['tx_bytes']} B sent")
     return EXIT_OK
+
+
+def command_events(path: str, arguments: argparse.Namespace) -> int:
+    if not arguments.follow:
+        for event in call(path, "events", {})["events"]:
+            show_audit_event(event, as_json=arguments.json)
+        return EXIT_OK
+    try:
+        replies = stream(path, "watch-events", {})
+        for event in next(replies)["events"]:
+            show_audit_event(event, as_json=arguments.json)
+        for event in replies:
+            show_audit_event(event, as_json=arguments.json)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def show_audit_event(event: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event), flush=True)
+        return
+    if event["event"] == "missed":
+        print(f"(missed {event['missed']} event(s))", flush=True)
+        return
+    moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    print(f"{moment} {printable(describe_audit_event(event))}", flush=True)
+
+
+def describe_audit_event(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if "tunnel" not in event:
+        detail = event.get("reason") or event.get("path") or ""
+        return f"{kind} {detail}".rstrip()
+    owner = event["owner_name"] or f"uid {event['owner_uid']}"
+    text = f"{event['tunnel']} ({owner}): {kind}"
+    if "by" in event:
+        text += f" by uid {event['by']}"
+    if event["previous_state"] != event["state"]:
+        text += f", {event['previous_state'] or 'new'} -> {event['state']}"
+    else:
+        text += f", stays {event['state']}"
+    if event.get("latency_ms") is not None:
+        text += f" in {event['latency_ms']:.1f} ms"
+    if event["rule"]:
+        text += f"; {event['rule']} = {event['action']}: {event['reason']}"
+    if event.get("pending"):
+        text += f" ({event['pending']} after the grace period)"
+    if event.get("session_event"):
+        text += f" [after {event['session_event']['description']}]"
+    return text
 
 
 def command_sessions(path: str, arguments: argparse.Namespace) -> int:

@@ -98,6 +98,10 @@ class Params:
                     )
         return value
 
+    def table(self, name: str) -> dict[str, Any]:
+        value: dict[str, Any] = self._get(name, dict, "an object", {})
+        return value
+
     def check_known(self, known: set[str]) -> None:
         unknown = sorted(set(self._params) - known)
         if unknown:

@@ -16,12 +16,14 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from userbound import __version__, wgconfig
 from userbound.accounts import resolve_user, user_name
+from userbound.audit import AuditFollower, AuditLog, Record
 from userbound.control import Caller, ControlServer, Params, Stream
 from userbound.errors import (
     Conflict,
@@ -33,6 +35,23 @@ from userbound.errors import (
 )
 from userbound.firewall import Firewall
 from userbound.names import check_name
+from userbound.policy import (
+    DEFAULT_POLICY,
+    REQUEST_KEYS,
+    Action,
+    Decision,
+    Hold,
+    Settings,
+    admitted_uids,
+    check_layer,
+    decide,
+    effective,
+    grace_deadline,
+    load_policy,
+    next_hold,
+    owner_sessions,
+    stricter_or_equal,
+)
 from userbound.routing import (
     TABLE_FIRST,
     TABLE_LAST,
@@ -42,6 +61,7 @@ from userbound.routing import (
     dns_mark,
 )
 from userbound.sessions import open_monitor
+from userbound.sessions.model import Event, Snapshot
 from userbound.sessions.monitor import RESYNC_INTERVAL, Follower, Monitor
 from userbound.tunnels import State, StateFile, Tunnel
 from userbound.wireguard import (
@@ -61,6 +81,7 @@ RESTART_DELAY_MAX = 30.0
 FAILURES_BEFORE_FAILED = 3
 MAX_TUNNELS_PER_USER = 8
 MAX_QUEUED_EVENTS = 10_000  # per follower of session events; then it gets the state instead
+MAX_UNDECIDED_EVENTS = 1000  # session events kept for the audit until the next decision
 PRIVATE_NETWORKS = [
     ipaddress.ip_network(n)
     for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
@@ -93,8 +114,13 @@ class Daemon:
         restart_delay: float = RESTART_DELAY_FIRST,
         sessions_source: str = "auto",
         resync_interval: float = RESYNC_INTERVAL,
+        policy_path: str | None = None,
     ) -> None:
         self.control_socket = control_socket
+        # A named policy file must exist; the default one may be absent.
+        self._policy_path = Path(policy_path) if policy_path else DEFAULT_POLICY
+        self._policy_required = policy_path is not None
+        self.policy = load_policy(self._policy_path, required=self._policy_required)
         self._sessions_source = sessions_source
         self._resync_interval = resync_interval
         self.sessions: Monitor | None = None
@@ -110,6 +136,10 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._supervisors: dict[str, asyncio.Task[None]] = {}
         self._link_check: asyncio.Task[None] | None = None
+        self.audit = AuditLog(self._state_dir / "audit.log")
+        self._policy_due = asyncio.Event()
+        self._undecided: list[Event] = []
+        self._policy_task: asyncio.Task[None] | None = None
 
     # Lifecycle
 
@@ -159,14 +189,20 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
         links = LinkEvents(self._on_link_event)
         loop.add_reader(links.fileno(), links.readable)
         try:
             await self._routing.open()
-            await self.restore()
+            self.audit.load()
+            # Sessions first: restored tunnels get the policy's decision
+            # before their rules are first written.
             self.sessions = await open_monitor(
                 self._sessions_source, resync_interval=self._resync_interval
             )
+            await self.restore()
+            self.sessions.subscribe(self._on_session_event)
+            self._policy_task = loop.create_task(self._policy_loop(), name="policy")
             await self._server.start()
             logger.info(
                 "userbound %s ready on %s with %d tunnel(s)",
@@ -180,8 +216,13 @@ class Daemon:
             logger.info("stopping: removing every tunnel, rule and route")
         finally:
             loop.remove_reader(links.fileno())
+            loop.remove_signal_handler(signal.SIGHUP)
             links.close()
             await self._server.close()
+            if self._policy_task is not None:
+                self._policy_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._policy_task
             if self.sessions is not None:
                 await self.sessions.close()
             await self.shutdown()
@@ -196,14 +237,22 @@ class Daemon:
                     logger.error("dropping stored tunnel %r: %s", record.get("name"), error)
                     continue
                 self.tunnels[tunnel.name] = tunnel
-                if tunnel.data_plane is not None and await self._adopt(tunnel):
-                    tunnel.state = State.UP
+                self._decide(tunnel, self._snapshot(), time.monotonic())
+                if tunnel.hold.action is Action.DISCONNECT:
+                    if tunnel.data_plane is not None:
+                        await tunnel.data_plane.stop()
+                        tunnel.data_plane = None
+                    tunnel.state = State.DISCONNECTED
+                elif tunnel.data_plane is not None and await self._adopt(tunnel):
+                    tunnel.state = tunnel.running_state()
                     logger.info("adopted tunnel %s of uid %d", tunnel.name, tunnel.owner)
-            # One transaction: adopted tunnels stay open, the rest wait behind
-            # the kill switch, and leftovers no tunnel claims are removed.
+            # One transaction: adopted tunnels stay open or suspended, the
+            # rest wait behind the kill switch, and leftovers no tunnel
+            # claims are removed.
             await self.sync()
         for tunnel in self.tunnels.values():
-            self._supervise(tunnel, start_now=tunnel.state is not State.UP)
+            if tunnel.state is not State.DISCONNECTED:
+                self._supervise(tunnel, start_now=tunnel.data_plane is None)
 
     def _tunnel_from_record(self, record: dict[str, Any]) -> Tunnel:
         config = wgconfig.parse(record["config"])
@@ -214,10 +263,16 @@ class Daemon:
             config=config,
             table=int(record["table"]),
             fwmark=int(record["fwmark"]),
-            allowed_uids={int(u) for u in record["allowed_uids"]},
-            kill_switch=bool(record["kill_switch"]),
+            allowed_uids=set(),
             created=float(record.get("created") or 0),
+            request=dict(record["request"]),
+            privileged=bool(record["privileged"]),
+            extra_uids={int(u) for u in record["extra_uids"]},
+            removed_uids={int(u) for u in record["removed_uids"]},
+            hold=Hold(Action(record["hold"])),
+            owner_seen=bool(record["owner_seen"]),
         )
+        self._apply_settings(tunnel, self._settings_for(tunnel))
         pid = record.get("pid")
         if isinstance(pid, int) and _is_wireguard_go(pid, tunnel.interface):
             tunnel.data_plane = WireGuardGo(tunnel.interface, pid=pid)
@@ -259,11 +314,12 @@ class Daemon:
 
     # Kernel state
 
-    async def sync(self, *, refresh: bool = True) -> None:
+    async def sync(self, *, refresh: bool = True) -> float:
         """Make the kernel's rules and routes match the tunnels, and store the tunnels.
 
         refresh=False reuses the interface states and routes read by the last
-        call; it suits changes of allowed uids, which touch neither.
+        call; it suits changes that add or remove no interface.  Returns the
+        time.monotonic() at which the kernel held the new rules and routes.
         """
         tunnels = list(self.tunnels.values())
         if refresh:
@@ -271,12 +327,14 @@ class Daemon:
                 tunnel.link_index, tunnel.link_up = await self._routing.link_state(tunnel.interface)
         self._firewall.apply([t.firewall_rules() for t in tunnels])
         await self._routing.apply([t.routes() for t in tunnels], refresh=refresh)
+        committed = time.monotonic()
         self._state_file.save(tunnels)
         for tunnel in tunnels:
             engaged = tunnel.state is not State.UP
-            if engaged and tunnel.enforced_state is State.UP and tunnel.kill_switch:
+            if engaged and tunnel.enforced_state is State.UP and tunnel.blocking:
                 await close_connections(tunnel.config.addresses)
             tunnel.enforced_state = tunnel.state
+        return committed
 
     def _on_link_event(self) -> None:
         if self._link_check is None or self._link_check.done():
@@ -291,7 +349,8 @@ class Daemon:
                 if index is None and tunnel.data_plane is not None:
                     tunnel.data_plane.interface_removed()
                 alive = tunnel.data_plane is not None and tunnel.data_plane.alive()
-                if tunnel.state is State.UP and not link_up:
+                running = tunnel.state in (State.UP, State.SUSPENDED)
+                if running and not link_up:
                     logger.warning("interface %s went down; kill switch engaged", tunnel.interface)
                     tunnel.state = State.DOWN
                     changed = True
@@ -300,7 +359,7 @@ class Daemon:
                     await self._routing.configure_link(
                         tunnel.interface, tunnel.config.addresses, tunnel.config.mtu, set_up=False
                     )
-                    tunnel.state = State.UP
+                    tunnel.state = tunnel.running_state()
                     changed = True
                 elif tunnel.state is State.UP:
                     # Routes vanish when a link flaps faster than we see it.
@@ -354,8 +413,10 @@ class Daemon:
             if tunnel.removed:
                 return
             logger.warning("data plane of tunnel %s exited; kill switch engaged", tunnel.name)
+            previous = tunnel.state
             tunnel.state = State.CONNECTING
             await self.sync()
+        self._audit(tunnel, "data-plane-exited", previous_state=previous)
 
     async def _restart(self, tunnel: Tunnel, *, wait_first: bool) -> None:
         """Start the data plane again, waiting longer after each failure, until it runs."""
@@ -399,9 +460,11 @@ class Daemon:
                         logger.exception("applying the rules for tunnel %s failed", tunnel.name)
                     continue
                 tunnel.failures = 0
-                tunnel.state = State.UP
+                previous = tunnel.state
+                tunnel.state = tunnel.running_state()
                 await self.sync()
-                logger.info("tunnel %s is up again", tunnel.name)
+                logger.info("tunnel %s is %s again", tunnel.name, tunnel.state.value)
+                self._audit(tunnel, "connected", previous_state=previous)
                 return
 
     # Control API
@@ -415,6 +478,9 @@ class Daemon:
             "down": self._down,
             "status": self._status,
             "allow": self._allow,
+            "resume": self._resume,
+            "events": self._events,
+            "watch-events": self._watch_events,
             "version": self._version,
             "sessions": self._sessions,
             "watch-sessions": self._watch_sessions,
@@ -442,17 +508,18 @@ class Daemon:
         return tunnel
 
     async def _up(self, params: Params, caller: Caller) -> dict[str, Any]:
-        params.check_known({"config", "name", "owner", "kill_switch", "allow"})
+        params.check_known({"config", "name", "owner", "settings"})
         text = params.string("config", required=True) or ""
         name = check_name(params.string("name", required=True) or "")
         requested_owner = params.user("owner")
         owner = caller.uid if requested_owner is None else resolve_user(requested_owner)
         if owner != caller.uid and not caller.is_root:
             raise NotPermitted("only root may bring up a tunnel for another user (field 'owner')")
-        extra = {resolve_user(u) for u in params.users("allow") or []} - {owner}
-        if extra and not caller.is_root:
-            raise NotPermitted("only root may let other users into a tunnel (field 'allow')")
-        kill_switch = params.boolean("kill_switch", default=True)
+        raw = params.table("settings")
+        request = check_layer(raw, "settings", REQUEST_KEYS)
+        settings = effective(self.policy, owner, request, privileged=caller.is_root)
+        if not settings.allow_remote_owner and not caller.is_root:
+            self._check_local_owner(owner)
         config = wgconfig.parse(text)
         if not caller.is_root:
             _check_unprivileged(config)
@@ -467,35 +534,70 @@ class Daemon:
                 config=config,
                 table=self._free_table(),
                 fwmark=0,
-                allowed_uids={owner, *extra},
-                kill_switch=kill_switch,
+                allowed_uids=set(),
+                request=raw,
+                privileged=caller.is_root,
             )
+            self._apply_settings(tunnel, settings)
             tunnel.fwmark = config.fwmark or tunnel.table
             if not caller.is_root:
                 self._check_quota(owner)
             await self._check_conflicts(tunnel)
             await self._check_addresses(tunnel, unprivileged=not caller.is_root)
+            self._decide(tunnel, self._snapshot(), time.monotonic())
+            if tunnel.hold.action is Action.DISCONNECT and not settings.reconnect_on_return:
+                raise NotPermitted(
+                    f"the policy disconnects this tunnel now ({tunnel.decision.reason}); "
+                    "try again when that has changed"
+                )
             self.tunnels[name] = tunnel
             try:
                 await self.sync()
-                await self._start_data_plane(tunnel, endpoints)
+                if tunnel.hold.action is not Action.DISCONNECT:
+                    await self._start_data_plane(tunnel, endpoints)
             except BaseException:
                 tunnel.removed = True
                 del self.tunnels[name]
                 await self.sync()
                 raise
-            tunnel.state = State.UP
+            if tunnel.hold.action is Action.DISCONNECT:
+                tunnel.state = State.DISCONNECTED
+            else:
+                tunnel.state = tunnel.running_state()
+                self._supervise(tunnel, start_now=False)
             await self.sync()
-        self._supervise(tunnel, start_now=False)
         logger.info(
-            "tunnel %s up for uid %d (allowed uids %s, kill switch %s), requested by uid %d",
+            "tunnel %s %s for uid %d (allowed uids %s, kill switch %s), requested by uid %d",
             name,
+            tunnel.state.value,
             owner,
-            sorted(tunnel.allowed_uids),
-            "on" if kill_switch else "off",
+            "all" if tunnel.everyone else sorted(tunnel.allowed_uids),
+            "on" if tunnel.kill_switch else "off",
             caller.uid,
         )
-        return {"name": name, "interface": tunnel.interface, "owner_uid": owner}
+        self._audit(tunnel, "up", by=caller.uid, previous_state=None)
+        return {
+            "name": name,
+            "interface": tunnel.interface,
+            "owner_uid": owner,
+            "state": tunnel.state.value,
+            "reason": tunnel.decision.reason if tunnel.held else None,
+        }
+
+    def _check_local_owner(self, owner: int) -> None:
+        """Refuse a user who is not at the machine when the policy requires it."""
+        snapshot = self._snapshot()
+        if not snapshot.known:
+            raise NotPermitted(
+                f"the policy lets only users with a local session bring up a tunnel "
+                f"(allow_remote_owner = false), and sessions are unknown: {snapshot.reason}"
+            )
+        mine = owner_sessions(snapshot, owner)
+        if mine and all(s.remote for s in mine):
+            raise NotPermitted(
+                f"uid {owner} has only remote sessions, and the policy lets only users with a "
+                "local session bring up a tunnel (allow_remote_owner = false)"
+            )
 
     def _check_quota(self, owner: int) -> None:
         count = sum(1 for t in self.tunnels.values() if t.owner == owner)
@@ -575,8 +677,14 @@ class Daemon:
         the same destination for the same uid would each trip the other's kill switch.
         """
         for other in self.tunnels.values():
-            shared = tunnel.allowed_uids & other.allowed_uids
-            if other is tunnel or not shared:
+            if other is tunnel:
+                continue
+            if tunnel.everyone or other.everyone:
+                shared = other.allowed_uids if tunnel.everyone else tunnel.allowed_uids
+                shared = shared or {other.owner}
+            else:
+                shared = tunnel.allowed_uids & other.allowed_uids
+            if not shared:
                 continue
             for mine in tunnel.networks():
                 for theirs in other.networks():
@@ -591,16 +699,22 @@ class Daemon:
         name = params.string("name", required=True) or ""
         async with self._lock:
             tunnel = self._owned(name, caller, "bring it down")
+            previous = tunnel.state
             tunnel.removed = True
-            task = self._supervisors.pop(name, None)
-            if task is not None:
-                task.cancel()
-            if tunnel.data_plane is not None:
-                await tunnel.data_plane.stop()
+            await self._stop_data_plane(tunnel)
             del self.tunnels[name]
             await self.sync()
         logger.info("tunnel %s of uid %d down, requested by uid %d", name, tunnel.owner, caller.uid)
+        self._audit(tunnel, "down", by=caller.uid, previous_state=previous)
         return {"name": name}
+
+    async def _stop_data_plane(self, tunnel: Tunnel) -> None:
+        task = self._supervisors.pop(tunnel.name, None)
+        if task is not None:
+            task.cancel()
+        if tunnel.data_plane is not None:
+            await tunnel.data_plane.stop()
+            tunnel.data_plane = None
 
     async def _allow(self, params: Params, caller: Caller) -> dict[str, Any]:
         params.check_known({"name", "add", "remove"})
@@ -615,13 +729,20 @@ class Daemon:
                 raise InvalidRequest(
                     f"field 'remove': uid {tunnel.owner} owns tunnel {name!r} and always enters it"
                 )
-            previous = set(tunnel.allowed_uids)
-            tunnel.allowed_uids = (previous | add) - remove
+            if tunnel.everyone:
+                raise InvalidRequest(
+                    f"tunnel {name!r} has scope 'system': every user enters it already"
+                )
+            previous = (set(tunnel.extra_uids), set(tunnel.removed_uids))
+            tunnel.extra_uids = (tunnel.extra_uids | add) - remove
+            tunnel.removed_uids = (tunnel.removed_uids | remove) - add
+            self._apply_settings(tunnel, tunnel.settings)
             try:
                 self._check_overlaps(tunnel)
                 await self.sync(refresh=False)
             except BaseException:
-                tunnel.allowed_uids = previous
+                tunnel.extra_uids, tunnel.removed_uids = previous
+                self._apply_settings(tunnel, tunnel.settings)
                 await self.sync()
                 raise
         logger.info("tunnel %s now admits uids %s", name, sorted(tunnel.allowed_uids))
@@ -665,6 +786,234 @@ class Daemon:
         monitor = self._monitor()
         follower = Follower(monitor, MAX_QUEUED_EVENTS)
         return Stream(monitor.snapshot.to_json(), follower.events(), follower.close)
+
+    # Policy: what the session state does to each tunnel
+
+    def _snapshot(self) -> Snapshot:
+        assert self.sessions is not None, "the session monitor starts first"
+        return self.sessions.snapshot
+
+    def _settings_for(self, tunnel: Tunnel) -> Settings:
+        """Return a tunnel's settings under the current policy.
+
+        A user's request that the policy no longer permits loses the keys
+        that have become too loose: the policy's values apply instead.
+        """
+        request = check_layer(tunnel.request, "settings", REQUEST_KEYS)
+        try:
+            return effective(self.policy, tunnel.owner, request, privileged=tunnel.privileged)
+        except NotPermitted as error:
+            logger.warning("tunnel %s: %s; the policy's value applies", tunnel.name, error.message)
+        given = self.policy.settings_for(tunnel.owner)
+        kept = {k: v for k, v in request.items() if stricter_or_equal(k, v, getattr(given, k))}
+        return effective(self.policy, tunnel.owner, kept, privileged=False)
+
+    @staticmethod
+    def _apply_settings(tunnel: Tunnel, settings: Settings) -> None:
+        tunnel.settings = settings
+        tunnel.kill_switch = settings.kill_switch
+        tunnel.everyone = settings.scope == "system"
+        admitted = admitted_uids(settings, tunnel.owner) | tunnel.extra_uids
+        tunnel.allowed_uids = set(admitted - tunnel.removed_uids) | {tunnel.owner}
+
+    @staticmethod
+    def _decide(tunnel: Tunnel, snapshot: Snapshot, now: float) -> None:
+        if owner_sessions(snapshot, tunnel.owner):
+            tunnel.owner_seen = True
+        admitted = None if tunnel.everyone else frozenset(tunnel.allowed_uids)
+        tunnel.decision = decide(
+            snapshot, tunnel.owner, admitted, tunnel.settings, owner_seen=tunnel.owner_seen
+        )
+        tunnel.hold = next_hold(tunnel.hold, tunnel.decision, tunnel.settings, now)
+
+    def _on_session_event(self, event: Event) -> None:
+        self._undecided.append(event)
+        del self._undecided[:-MAX_UNDECIDED_EVENTS]
+        self._policy_due.set()
+
+    async def _policy_loop(self) -> None:
+        """Decide again after every batch of session events and when a grace period ends."""
+        while True:
+            deadlines = [
+                deadline
+                for t in self.tunnels.values()
+                if (deadline := grace_deadline(t.hold, t.settings)) is not None
+            ]
+            delay = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            trigger = None
+            try:
+                async with asyncio.timeout(delay):
+                    await self._policy_due.wait()
+            except TimeoutError:
+                trigger = "grace period"
+            self._policy_due.clear()
+            events, self._undecided = self._undecided, []
+            try:
+                await self.apply_policy(events, trigger)
+            except Exception:
+                logger.exception("applying the policy failed")
+
+    async def apply_policy(self, events: list[Event], trigger: str | None = None) -> None:
+        """Decide for every tunnel, commit the changes in one transaction, then audit them."""
+        snapshot = self._snapshot()
+        decided: list[tuple[Tunnel, State, Hold, Decision]] = []
+        committed = None
+        async with self._lock:
+            now = time.monotonic()
+            stopped: list[Tunnel] = []
+            for tunnel in list(self.tunnels.values()):
+                before = (tunnel.state, tunnel.hold, tunnel.decision)
+                self._decide(tunnel, snapshot, now)
+                if tunnel.hold.action is not before[1].action:
+                    if self._follow_hold(tunnel, before[1].action):
+                        stopped.append(tunnel)
+                if (tunnel.hold, _causes(tunnel.decision)) != (before[1], _causes(before[2])):
+                    decided.append((tunnel, *before))
+            if any(t.state is not state for t, state, _, _ in decided):
+                committed = await self.sync(refresh=False)
+            for tunnel in stopped:
+                # After the commit: the tunnel is closed before its data plane stops.
+                await self._stop_data_plane(tunnel)
+            if stopped:
+                await self.sync()
+        for tunnel, state, _, _ in decided:
+            latency = None
+            if committed is not None and snapshot.signal_time is not None and trigger is None:
+                latency = round((committed - snapshot.signal_time) * 1000, 3)
+            self._audit(
+                tunnel,
+                "decision",
+                previous_state=state,
+                trigger=trigger or snapshot.cause,
+                session_event=_session_event(events, tunnel.decision),
+                latency_ms=latency if tunnel.state is not state else None,
+            )
+
+    def _follow_hold(self, tunnel: Tunnel, previous: Action) -> bool:
+        """Set the tunnel's state for a new hold; return whether its data plane must stop."""
+        if tunnel.hold.action is Action.DISCONNECT:
+            if tunnel.settings.reconnect_on_return:
+                tunnel.state = State.DISCONNECTED
+            else:
+                tunnel.removed = True
+                del self.tunnels[tunnel.name]
+            return True
+        if previous is Action.DISCONNECT:
+            tunnel.state = State.CONNECTING
+            self._supervise(tunnel, start_now=True)
+        elif tunnel.state in (State.UP, State.SUSPENDED):
+            tunnel.state = tunnel.running_state()
+        return False
+
+    def reload_policy(self) -> None:
+        """Read the policy file again (SIGHUP); a file with an error leaves the old policy."""
+        try:
+            policy = load_policy(self._policy_path, required=self._policy_required)
+        except InvalidRequest as error:
+            logger.error("keeping the previous policy: %s", error.message)
+            self.audit.add(_record("policy-rejected", reason=error.message))
+            return
+        self.policy = policy
+        logger.info("policy reloaded from %s", self._policy_path)
+        self.audit.add(_record("policy-reloaded", path=str(self._policy_path)))
+        asyncio.get_running_loop().create_task(self._apply_new_policy())
+
+    async def _apply_new_policy(self) -> None:
+        async with self._lock:
+            for tunnel in self.tunnels.values():
+                try:
+                    self._apply_settings(tunnel, self._settings_for(tunnel))
+                except UserboundError as error:
+                    logger.error("tunnel %s keeps its settings: %s", tunnel.name, error.message)
+            await self.sync(refresh=False)
+        await self.apply_policy([], "policy reloaded")
+
+    async def _resume(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known({"name"})
+        name = params.string("name", required=True) or ""
+        async with self._lock:
+            tunnel = self._owned(name, caller, "resume it")
+            if tunnel.state is not State.SUSPENDED:
+                raise InvalidRequest(f"tunnel {name!r} is {tunnel.state.value}, not suspended")
+            if tunnel.decision.action is not Action.KEEP:
+                raise NotPermitted(
+                    f"the policy still gives tunnel {name!r} "
+                    f"{tunnel.decision.action.value}: {tunnel.decision.reason}"
+                )
+            previous = tunnel.state
+            tunnel.hold = Hold()
+            tunnel.state = tunnel.running_state()
+            await self.sync(refresh=False)
+        self._audit(tunnel, "resume", by=caller.uid, previous_state=previous)
+        return {"name": name, "state": tunnel.state.value}
+
+    # Audit
+
+    def _audit(
+        self, tunnel: Tunnel, event: str, *, previous_state: State | None, **extra: Any
+    ) -> None:
+        decision = tunnel.decision
+        cause = decision.strongest
+        self.audit.add(
+            _record(
+                event,
+                tunnel=tunnel.name,
+                owner_uid=tunnel.owner,
+                owner_name=user_name(tunnel.owner),
+                rule=cause.rule.value if cause else None,
+                action=decision.action.value,
+                applied=tunnel.hold.action.value,
+                pending=tunnel.hold.pending.value if tunnel.hold.pending else None,
+                previous_state=previous_state.value if previous_state else None,
+                state="removed" if tunnel.removed else tunnel.state.value,
+                reason=decision.reason,
+                causes=[c.to_json() for c in decision.causes],
+                **extra,
+            )
+        )
+
+    def _visible(self, caller: Caller) -> Callable[[Record], bool]:
+        """Return the filter of audit events a caller may see: root all, a user their own."""
+        return lambda record: caller.is_root or record.get("owner_uid") == caller.uid
+
+    async def _events(self, params: Params, caller: Caller) -> dict[str, Any]:
+        params.check_known(set())
+        visible = self._visible(caller)
+        return {"events": [r for r in self.audit.recent if visible(r)]}
+
+    async def _watch_events(self, params: Params, caller: Caller) -> Stream:
+        params.check_known(set())
+        visible = self._visible(caller)
+        recent = [r for r in self.audit.recent if visible(r)]
+        follower = AuditFollower(self.audit, visible, MAX_QUEUED_EVENTS)
+        return Stream({"events": recent}, follower.events(), follower.close)
+
+
+def _record(event: str, **fields: Any) -> Record:
+    return {"time": time.time(), "event": event, **fields}
+
+
+def _causes(decision: Decision) -> list[tuple[str, str, str]]:
+    return [(c.rule.value, c.action.value, c.session) for c in decision.causes]
+
+
+def _session_event(events: list[Event], decision: Decision) -> dict[str, Any] | None:
+    """Return the session event behind a decision: the latest one about its session."""
+    if not events:
+        return None
+    cause = decision.strongest
+    chosen = events[-1]
+    if cause is not None and cause.session:
+        for event in reversed(events):
+            ids = {event.current_id, event.previous_id}
+            if event.session is not None:
+                ids.add(event.session.id)
+            if cause.session in ids:
+                chosen = event
+                break
+    data = chosen.to_json()
+    data.pop("snapshot", None)
+    return {**data, "description": chosen.describe()}
 
 
 def _check_unprivileged(config: wgconfig.WireGuardConfig) -> None:

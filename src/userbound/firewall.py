@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from userbound.accounts import MAX_UID
 from userbound.errors import InternalError
 from userbound.wgconfig import IPAddress, IPNetwork
 
@@ -51,6 +52,8 @@ class TunnelRules:
     kill_switch: bool = True
     engaged: bool = True
     dns_servers: tuple[IPAddress, ...] = field(default=())
+    # Every uid enters (scope "system"); allowed_uids is then unused.
+    everyone: bool = False
 
     def chain(self, role: str) -> str:
         return f"{self.interface}-{role}"
@@ -99,10 +102,10 @@ class Firewall:
     def _update_uids(self, tunnels: list[TunnelRules]) -> None:
         commands: list[Json] = []
         for old, new in zip(self._applied, tunnels, strict=True):
-            if old.allowed_uids != new.allowed_uids:
+            if (old.allowed_uids, old.everyone) != (new.allowed_uids, new.everyone):
                 uids = {"family": FAMILY, "table": TABLE, "name": new.uid_set}
                 commands.append({"flush": {"set": uids}})
-                commands.append({"add": {"element": {**uids, "elem": sorted(new.allowed_uids)}}})
+                commands.append({"add": {"element": {**uids, "elem": _uid_elements(new)}}})
         try:
             self._run({"nftables": commands})
         except InternalError:
@@ -177,11 +180,17 @@ def _uids(tunnel: TunnelRules) -> Json:
     return _match(_meta("skuid"), f"@{tunnel.uid_set}")
 
 
+def _uid_elements(tunnel: TunnelRules) -> list[Any]:
+    if tunnel.everyone:
+        return [{"range": [0, MAX_UID]}]
+    return sorted(tunnel.allowed_uids)
+
+
 def _only_uids_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
     if len(old) != len(new):
         return False
     return all(
-        dataclasses.replace(a, allowed_uids=b.allowed_uids) == b
+        dataclasses.replace(a, allowed_uids=b.allowed_uids, everyone=b.everyone) == b
         for a, b in zip(old, new, strict=True)
     )
 
@@ -243,7 +252,9 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
                 commands.append(_rule("output", mark, _match(daddr, servers[0]), {"return": None}))
     for tunnel in tunnels:
         uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
-        commands.append({"add": {"set": {**uids, "elem": sorted(tunnel.allowed_uids)}}})
+        # An interval set, so that "every uid" is one range.
+        set_ = {**uids, "flags": ["interval"], "elem": _uid_elements(tunnel)}
+        commands.append({"add": {"set": set_}})
     if any(t.dns_servers for t in tunnels):
         # Only DNS redirection needs these chains, and with them connection
         # tracking, which costs throughput: tunnels without DNS go without.

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from userbound.accounts import MAX_UID
 from userbound.errors import InternalError
 from userbound.wgconfig import IPAddress, IPInterface, IPNetwork
 
@@ -100,6 +101,8 @@ class TunnelRoutes:
     kill_switch: bool
     # The interface to route the networks through, or None while the tunnel is not up.
     link_index: int | None
+    # Every uid enters (scope "system"); allowed_uids is then unused.
+    everyone: bool = False
 
 
 def uid_ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
@@ -326,7 +329,8 @@ def _rules(tunnel: TunnelRoutes) -> set[RuleKey]:
     for family in (socket.AF_INET, socket.AF_INET6):
         rules.add(RuleKey(family, PRIORITY_FWMARK, MAIN_TABLE, fwmark=tunnel.fwmark))
         rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, fwmark=tunnel.dns_mark))
-        for start, end in uid_ranges(tunnel.allowed_uids):
+        ranges = [(0, MAX_UID)] if tunnel.everyone else uid_ranges(tunnel.allowed_uids)
+        for start, end in ranges:
             rules.add(RuleKey(family, PRIORITY_UID, tunnel.table, uid_start=start, uid_end=end))
     # Packets from the tunnel's own addresses belong in the tunnel even when
     # they have no socket owner, such as the last ACKs of a closed TCP connection.

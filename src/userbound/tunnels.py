@@ -22,19 +22,21 @@ from typing import Any
 from userbound import wgconfig
 from userbound.accounts import user_name
 from userbound.firewall import TunnelRules
+from userbound.policy import Action, Decision, Hold, Settings
 from userbound.routing import TunnelRoutes, dns_mark
 from userbound.wgconfig import IPNetwork, WireGuardConfig
 from userbound.wireguard import DataPlane, DeviceStatus
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE_VERSION = 1
+STATE_FILE_VERSION = 2
 
 
 class State(StrEnum):
     CONNECTING = "connecting"
     UP = "up"
     SUSPENDED = "suspended"
+    DISCONNECTED = "disconnected"
     DOWN = "down"
     FAILED = "failed"
 
@@ -66,6 +68,19 @@ class Tunnel:
     fwmark: int
     allowed_uids: set[int]
     kill_switch: bool = True
+    # Every uid enters the tunnel (scope "system"); allowed_uids is then unused.
+    everyone: bool = False
+    settings: Settings = field(default_factory=Settings)
+    # The settings the request asked for, as sent, and whether root sent them:
+    # a reloaded policy is applied to them again.
+    request: dict[str, Any] = field(default_factory=dict)
+    privileged: bool = False
+    # Root's changes with `userbound allow`, applied on top of the settings.
+    extra_uids: set[int] = field(default_factory=set)
+    removed_uids: set[int] = field(default_factory=set)
+    hold: Hold = field(default_factory=Hold)
+    decision: Decision = field(default_factory=Decision)
+    owner_seen: bool = False
     state: State = State.CONNECTING
     data_plane: DataPlane | None = None
     created: float = field(default_factory=time.time)
@@ -79,6 +94,24 @@ class Tunnel:
     @property
     def interface(self) -> str:
         return self.name
+
+    @property
+    def held(self) -> bool:
+        """Whether the policy suspends or disconnects the tunnel."""
+        return self.hold.action is not Action.KEEP
+
+    def running_state(self) -> State:
+        """Return the state of a tunnel whose data plane runs: up, or suspended by the policy."""
+        return State.SUSPENDED if self.held else State.UP
+
+    @property
+    def blocking(self) -> bool:
+        """Whether the owner's traffic to the tunnel's networks is blocked when it is not up.
+
+        A tunnel the policy suspends or disconnects blocks it even without
+        the kill switch: the policy took the tunnel away, not a failure.
+        """
+        return self.kill_switch or self.held
 
     def networks(self) -> list[IPNetwork]:
         return self.config.allowed_ips()
@@ -96,9 +129,10 @@ class Tunnel:
             fwmark=self.fwmark,
             dns_mark=dns_mark(self.table),
             addresses=tuple(a.ip for a in self.config.addresses),
-            kill_switch=self.kill_switch,
+            kill_switch=self.blocking,
             engaged=self.state is not State.UP,
             dns_servers=tuple(self.config.dns_servers),
+            everyone=self.everyone,
         )
 
     def routes(self) -> TunnelRoutes:
@@ -111,8 +145,9 @@ class Tunnel:
             addresses=tuple(self.config.addresses),
             networks=tuple(self.networks()),
             blocked=tuple(full_tunnel_extras(self.networks())),
-            kill_switch=self.kill_switch,
+            kill_switch=self.blocking,
             link_index=self.link_index if self.link_up and self.state is State.UP else None,
+            everyone=self.everyone,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -147,8 +182,14 @@ class Tunnel:
             **self.summary(),
             "interface": self.interface,
             "data_plane": self.data_plane.kind if self.data_plane else None,
-            "allowed_uids": sorted(self.allowed_uids),
+            "allowed_uids": "all" if self.everyone else sorted(self.allowed_uids),
             "kill_switch": self.kill_switch,
+            "settings": self.settings.to_json(),
+            "policy": {
+                **self.decision.to_json(),
+                "applied": self.hold.action.value,
+                "pending": self.hold.pending.value if self.hold.pending else None,
+            },
             "public_key": wgconfig.public_key(self.config.private_key).base64(),
             "addresses": [str(a) for a in self.config.addresses],
             "dns_servers": [str(a) for a in self.config.dns_servers],
@@ -171,8 +212,12 @@ class Tunnel:
             "config": self.config_text,
             "table": self.table,
             "fwmark": self.fwmark,
-            "allowed_uids": sorted(self.allowed_uids),
-            "kill_switch": self.kill_switch,
+            "request": self.request,
+            "privileged": self.privileged,
+            "extra_uids": sorted(self.extra_uids),
+            "removed_uids": sorted(self.removed_uids),
+            "hold": self.hold.action.value,
+            "owner_seen": self.owner_seen,
             "data_plane": self.data_plane.kind if self.data_plane else None,
             "pid": pid,
             "created": self.created,

@@ -481,6 +481,41 @@ table inet lab {
                 return int(item["counter"]["packets"])
         raise RuntimeError(f"counter {name} not found in {namespace}")
 
+    def count_by_user(self, uids: list[int]) -> None:
+        """Count each uid's packets for the private network as they leave the shared machine.
+
+        `direct_UID` counts those leaving by the public side, `tunnel_UID`
+        those leaving by any other interface (a tunnel).  The chain runs
+        after userbound's, so it sees only packets userbound let out.
+        """
+        rules = []
+        for uid in uids:
+            for path, match in (
+                (f"direct_{uid}", '== "eth0"'),
+                (f"tunnel_{uid}", '!= { "eth0", "lo" }'),
+            ):
+                for family, network in (("ip", PRIVATE_NET_V4), ("ip6", PRIVATE_NET_V6)):
+                    match_uid = f"meta skuid {uid} {family} daddr {network}"
+                    rules.append(f"{match_uid} oifname {match} counter name {path}")
+        counters = "\n".join(
+            f"    counter {kind}_{uid} {{ }}" for uid in uids for kind in ("direct", "tunnel")
+        )
+        chain = "\n        ".join(rules)
+        ruleset = f"""
+table inet lab {{
+    chain output {{
+        type filter hook output priority 100; policy accept;
+        {chain}
+    }}
+{counters}
+}}
+"""
+        run("ip", "netns", "exec", self.host, "nft", "-f", "-", input=ruleset)
+
+    def sent(self, uid: int, path: str) -> int:
+        """Return how many of a uid's packets left by a path ("direct" or "tunnel")."""
+        return self._counter(self.host, f"{path}_{uid}")
+
     def leaked(self) -> int:
         """Return how many packets for the private network, or DNS queries to the public
         resolver, reached the public side."""

@@ -22,7 +22,9 @@ from userbound.sessions.model import Event, EventKind, Snapshot, Source, derive_
 logger = logging.getLogger(__name__)
 
 RESYNC_INTERVAL = 30.0  # seconds between reads when no notice arrives
-DEBOUNCE = 0.005  # a burst ends after this long without a notice...
+# A notice after a quiet time is read at once: one loop turn gathers the
+# notices already received, and those arriving during a read make one more.
+DEBOUNCE = 0.0  # a burst ends after this long without a notice...
 MAX_DELAY = 0.1  # ...or this long after its first notice
 RETRY_FIRST = 0.5  # seconds before the first attempt to reopen a lost source
 RETRY_MAX = 30.0
