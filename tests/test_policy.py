@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from typing import Any
 
 import pytest
 
-from conftest import ALICE, BOB, Lab, puppet
+from conftest import ALICE, BOB, Lab, kernel_state, puppet
+from userbound.errors import EXIT_NOT_PERMITTED, EXIT_USAGE
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
+from userbound.lab.testbed import USERBOUND
 
 pytestmark = pytest.mark.root
 
@@ -178,9 +181,7 @@ def test_the_whole_story(story: Story) -> None:
     story.expect("disconnected")
     assert not story.alice_reaches()
     story.logind.start(
-        sessions=[
-            {"Id": ALICE_SESSION, "UID": ALICE, "Name": "alice", "Seat": "seat0", "VTNr": 5}
-        ]
+        sessions=[{"Id": ALICE_SESSION, "UID": ALICE, "Name": "alice", "Seat": "seat0", "VTNr": 5}]
     )
     story.act(lambda logind: logind.switch("seat0", ALICE_SESSION))
     story.expect("up")
@@ -238,3 +239,123 @@ def test_bob_sees_only_his_own_events(story: Story) -> None:
     log = story.lab.bed.directory / "state" / "audit.log"
     assert log.stat().st_mode & 0o777 == 0o600
     assert any(json.loads(line)["event"] == "decision" for line in log.read_text().splitlines())
+
+
+def test_grace_period_absorbs_a_quick_switch(story: Story) -> None:
+    story.start('on_switch_away = "suspend"\ngrace_period = 2\n')
+
+    story.act(switch_to_bob)
+    time.sleep(0.3)
+    assert story.state() == "up"
+    pending = story.lab.status(story.tunnel)["policy"]
+    assert pending["pending"] == "suspend"
+    story.act(switch_to_alice)
+    time.sleep(2.5)
+    assert story.state() == "up"
+
+    # A switch that lasts longer than the grace period suspends.
+    story.act(lambda logind: logind.switch("seat0", BOB_SESSION, previous=ALICE_SESSION))
+    story.expect("suspended")
+    story.check_nothing_leaked()
+
+
+def test_user_cannot_loosen_the_policy(story: Story) -> None:
+    story.start('on_switch_away = "suspend"\n')
+    path = story.lab.bed.write_config(story.lab.bed.client_config(story.lab.bed.add_client()), BOB)
+    before = kernel_state(story.lab.bed.host)
+
+    for option in (
+        "--on-switch-away=keep",
+        "--no-kill-switch",
+        "--grace-period=5",
+        "--scope=system",
+    ):
+        result = story.lab.bed.cli(BOB, "up", str(path), "--name", "ubloose", option)
+        assert result.returncode == EXIT_NOT_PERMITTED, (option, result.stderr)
+        assert "looser than the policy" in result.stderr
+
+    assert kernel_state(story.lab.bed.host) == before
+    stricter = story.lab.bed.cli(ALICE, "status", story.tunnel, "--json")
+    settings = json.loads(stricter.stdout)["tunnels"][0]["settings"]
+    assert settings["on_switch_away"] == {"value": "suspend", "source": "policy"}
+    assert settings["on_lock"] == {"value": "keep", "source": "default"}
+
+
+def test_remote_owner_refused_when_the_policy_says_so(story: Story) -> None:
+    story.start("allow_remote_owner = false\n")
+    story.act(
+        lambda logind: logind.login(BOB_SSH, BOB, "bob", seat="", remote=True, remote_host="::1")
+    )
+    path = story.lab.bed.write_config(story.lab.bed.client_config(story.lab.bed.add_client()), BOB)
+
+    result = story.lab.bed.cli(BOB, "up", str(path), "--name", "ubremote")
+
+    assert result.returncode == EXIT_NOT_PERMITTED
+    assert "only remote sessions" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        ('on_lock = "pause"\n', "on_lock: invalid value 'pause'"),
+        ("grace = 5\n", "grace: unknown setting"),
+        ('[users.alice]\non_owner_logout = "suspend"\n', "users.alice.on_owner_logout"),
+        ("kill_switch = \n", "not valid TOML"),
+    ],
+)
+def test_invalid_policy_refused(lab: Lab, policy: str, words: str) -> None:
+    path = lab.bed.directory / "bad-policy.toml"
+    path.write_text(policy)
+    lab.stop_daemon()
+
+    result = subprocess.run(
+        [
+            *lab.bed.prefix_command(lab.bed.host),
+            str(USERBOUND),
+            "daemon",
+            "--policy",
+            str(path),
+            "--control-socket",
+            str(lab.bed.control_socket),
+            "--state-dir",
+            str(lab.bed.directory / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        "userbound"
+        not in subprocess.run(
+            ["ip", "netns", "exec", lab.bed.host, "nft", "list", "tables"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
+def test_reload_keeps_the_policy_when_the_file_is_wrong(story: Story) -> None:
+    path = story.lab.bed.directory / "policy.toml"
+    story.start('on_switch_away = "keep"\n')
+
+    path.write_text('on_switch_away = "pause"\n')
+    story.lab.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "keeping the previous policy" not in story.lab.bed.daemon_log():
+        assert time.monotonic() < deadline, story.lab.bed.daemon_log()
+        time.sleep(0.05)
+    story.act(switch_to_bob)
+    time.sleep(0.5)
+    assert story.state() == "up"
+
+    path.write_text('on_switch_away = "suspend"\n')
+    story.lab.daemon.send_signal(signal.SIGHUP)
+    story.expect("suspended")
+    events = story.events()
+    assert any(e["event"] == "decision" and e["trigger"] == "policy reloaded" for e in events)

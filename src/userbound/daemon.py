@@ -871,6 +871,7 @@ class Daemon:
                     decided.append((tunnel, *before))
             if any(t.state is not state for t, state, _, _ in decided):
                 committed = await self.sync(refresh=False)
+                logger.debug("policy committed in %.2f ms", (committed - now) * 1000)
             for tunnel in stopped:
                 # After the commit: the tunnel is closed before its data plane stops.
                 await self._stop_data_plane(tunnel)
@@ -887,6 +888,8 @@ class Daemon:
                 trigger=trigger or snapshot.cause,
                 session_event=_session_event(events, tunnel.decision),
                 latency_ms=latency if tunnel.state is not state else None,
+                # CLOCK_MONOTONIC seconds, to match with other measurements on this machine.
+                committed_monotonic=committed if tunnel.state is not state else None,
             )
 
     def _follow_hold(self, tunnel: Tunnel, previous: Action) -> bool:

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 TABLE = "userbound"
 FAMILY = "inet"
+ENGAGED_SET = "engaged"  # the interfaces of tunnels that are not up
 
 Json = dict[str, Any]
 
@@ -84,23 +85,30 @@ class Firewall:
     def apply(self, tunnels: Sequence[TunnelRules]) -> None:
         """Bring the table in line with these tunnels in one transaction.
 
-        When only allowed uids changed, the transaction rewrites the uid sets
-        and leaves the rules alone; otherwise it replaces the whole table.
+        When only allowed uids or engaged tunnels changed, the transaction
+        rewrites those sets and leaves the rules alone; otherwise it replaces
+        the whole table.
         """
         tunnels = list(tunnels)
         if tunnels and tunnels == self._applied:
             return
         if not tunnels:
             self.remove()
-        elif _only_uids_differ(self._applied, tunnels):
-            self._update_uids(tunnels)
+        elif _only_sets_differ(self._applied, tunnels):
+            self._update_sets(tunnels)
         else:
             self._run({"nftables": build_ruleset(tunnels)})
             self._verify(tunnels)
         self._applied = tunnels
 
-    def _update_uids(self, tunnels: list[TunnelRules]) -> None:
+    def _update_sets(self, tunnels: list[TunnelRules]) -> None:
         commands: list[Json] = []
+        if [t.engaged for t in self._applied] != [t.engaged for t in tunnels]:
+            engaged = {"family": FAMILY, "table": TABLE, "name": ENGAGED_SET}
+            commands.append({"flush": {"set": engaged}})
+            interfaces = [t.interface for t in tunnels if t.engaged]
+            if interfaces:
+                commands.append({"add": {"element": {**engaged, "elem": interfaces}}})
         for old, new in zip(self._applied, tunnels, strict=True):
             if (old.allowed_uids, old.everyone) != (new.allowed_uids, new.everyone):
                 uids = {"family": FAMILY, "table": TABLE, "name": new.uid_set}
@@ -186,11 +194,18 @@ def _uid_elements(tunnel: TunnelRules) -> list[Any]:
     return sorted(tunnel.allowed_uids)
 
 
-def _only_uids_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
+def _only_sets_differ(old: list[TunnelRules], new: list[TunnelRules]) -> bool:
+    """Return whether only the sets of allowed uids and engaged tunnels differ.
+
+    Without the kill switch, DNS redirection depends on whether a tunnel is
+    engaged, so a change of engagement then needs new rules.
+    """
     if len(old) != len(new):
         return False
     return all(
-        dataclasses.replace(a, allowed_uids=b.allowed_uids, everyone=b.everyone) == b
+        dataclasses.replace(a, allowed_uids=b.allowed_uids, everyone=b.everyone, engaged=b.engaged)
+        == b
+        and (a.engaged == b.engaged or a.kill_switch)
         for a, b in zip(old, new, strict=True)
     )
 
@@ -250,6 +265,9 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
                 daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
                 mark = _match(_meta("mark"), tunnel.dns_mark)
                 commands.append(_rule("output", mark, _match(daddr, servers[0]), {"return": None}))
+    engaged = {"family": FAMILY, "table": TABLE, "name": ENGAGED_SET, "type": "ifname"}
+    interfaces = [t.interface for t in tunnels if t.engaged]
+    commands.append({"add": {"set": {**engaged, "elem": interfaces} if interfaces else engaged}})
     for tunnel in tunnels:
         uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
         # An interval set, so that "every uid" is one range.
@@ -278,27 +296,30 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
         commands.append(
             _rule("output", _match(_meta("oifname"), tunnel.interface), {"goto": {"target": via}})
         )
+        # While the tunnel is engaged (its interface in the set), the allowed
+        # uids' packets are rejected and all others dropped.  A set, so that
+        # a suspend or resume rewrites one set, not the table.
+        in_engaged = _match(_meta("oifname"), f"@{ENGAGED_SET}")
+        commands.append(_rule(via, in_engaged, _uids(tunnel), {"goto": {"target": "reject"}}))
+        commands.append(_rule(via, in_engaged, {"counter": None}, {"drop": None}))
         # Accept allowed owners, then drop the rest: a "not allowed" match
         # would let through packets that have no socket owner at all.
-        if tunnel.engaged:
-            commands.append(_rule(via, _uids(tunnel), {"goto": {"target": "reject"}}))
-        else:
-            commands.append(_rule(via, _uids(tunnel), {"accept": None}))
-            # A packet with a socket that was not accepted above belongs to
-            # another user.  A TCP packet without a socket and with the
-            # tunnel's own source address is the kernel finishing a connection
-            # through the tunnel, such as an ACK sent from TIME_WAIT.  Other
-            # packets without a socket (IGMP and MLD reports for groups any
-            # user may join) are dropped.
-            any_uid = _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]})
-            commands.append(_rule(via, any_uid, {"counter": None}, {"drop": None}))
-            for version, protocol in ((4, "ip"), (6, "ip6")):
-                own = [str(a) for a in tunnel.addresses if a.version == version]
-                if own:
-                    saddr = {"payload": {"protocol": protocol, "field": "saddr"}}
-                    tcp = _match(_meta("l4proto"), "tcp")
-                    source = _match(saddr, _values(own))
-                    commands.append(_rule(via, tcp, source, {"accept": None}))
+        commands.append(_rule(via, _uids(tunnel), {"accept": None}))
+        # A packet with a socket that was not accepted above belongs to
+        # another user.  A TCP packet without a socket and with the
+        # tunnel's own source address is the kernel finishing a connection
+        # through the tunnel, such as an ACK sent from TIME_WAIT.  Other
+        # packets without a socket (IGMP and MLD reports for groups any
+        # user may join) are dropped.
+        any_uid = _match(_meta("skuid"), {"range": [0, 0xFFFFFFFF]})
+        commands.append(_rule(via, any_uid, {"counter": None}, {"drop": None}))
+        for version, protocol in ((4, "ip"), (6, "ip6")):
+            own = [str(a) for a in tunnel.addresses if a.version == version]
+            if own:
+                saddr = {"payload": {"protocol": protocol, "field": "saddr"}}
+                tcp = _match(_meta("l4proto"), "tcp")
+                source = _match(saddr, _values(own))
+                commands.append(_rule(via, tcp, source, {"accept": None}))
         commands.append(_rule(via, {"counter": None}, {"drop": None}))
         if tunnel.kill_switch:
             commands.append(_chain(owner))

@@ -167,7 +167,9 @@ def check_value(key: str, value: Any, where: str) -> Any:
         return _action(value, where, tuple(Action))
     if key == "grace_period":
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if number is None or not math.isfinite(number) or not 0 <= number <= MAX_GRACE_PERIOD:
+        # The range test comes first: an integer too large for a float
+        # would make math.isfinite raise OverflowError.
+        if number is None or not 0 <= number <= MAX_GRACE_PERIOD or not math.isfinite(number):
             raise _fail(
                 where, f"invalid value {value!r}; give seconds from 0 to {MAX_GRACE_PERIOD:.0f}"
             )
@@ -245,9 +247,9 @@ class Policy:
             if given:
                 values[key] = strictest(key, [v for _, v in given])
                 sources[key] = ",".join(f"groups.{g}" for g, _ in given)
-        table = self.users.get(name or "") or self.users.get(str(owner)) or {}
-        for key, value in table.items():
-            values[key], sources[key] = value, f"users.{name or owner}"
+        found = [k for k in (name, str(owner)) if k is not None and k in self.users]
+        for key, value in (self.users[found[0]] if found else {}).items():
+            values[key], sources[key] = value, f"users.{found[0]}"
         return Settings(**values, sources=sources)
 
 
@@ -269,7 +271,8 @@ def parse_policy(text: str, path: str | None = None) -> Policy:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise InvalidRequest(f"policy {path or ''} is not valid TOML: {error}") from None
+        where = f"policy {path}" if path else "policy"
+        raise InvalidRequest(f"{where} is not valid TOML: {error}") from None
     tables: dict[str, dict[str, dict[str, Any]]] = {"users": {}, "groups": {}}
     for kind in ("users", "groups"):
         section = data.pop(kind, {})
@@ -292,7 +295,7 @@ def load_policy(path: Path, *, required: bool) -> Policy:
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"cannot read policy file {path}: {error}") from None
     try:
-        return parse_policy(text, str(path))
+        return replace(parse_policy(text), path=str(path))
     except InvalidRequest as error:
         raise InvalidRequest(f"policy file {path}: {error.message}") from None
 
@@ -506,7 +509,8 @@ def next_hold(hold: Hold, decision: Decision, settings: Settings, now: float) ->
     target = decision.action
     if target.rank > hold.action.rank:
         since = hold.pending_since if hold.pending_since is not None else now
-        if now - since >= settings.grace_period:
+        # The same sum as grace_deadline(), so the action applies at that time.
+        if now >= since + settings.grace_period:
             return Hold(target)
         return Hold(hold.action, target, since)
     if target.rank < hold.action.rank and settings.reconnect_on_return:

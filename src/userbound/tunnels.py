@@ -100,6 +100,14 @@ class Tunnel:
         """Whether the policy suspends or disconnects the tunnel."""
         return self.hold.action is not Action.KEEP
 
+    def running(self) -> bool:
+        """Whether the data plane runs with its link up: the tunnel is up or suspended.
+
+        A suspended tunnel keeps its routes; the firewall rejects what would
+        enter it, so resuming rewrites one nftables set and nothing else.
+        """
+        return self.state in (State.UP, State.SUSPENDED)
+
     def running_state(self) -> State:
         """Return the state of a tunnel whose data plane runs: up, or suspended by the policy."""
         return State.SUSPENDED if self.held else State.UP
@@ -146,7 +154,7 @@ class Tunnel:
             networks=tuple(self.networks()),
             blocked=tuple(full_tunnel_extras(self.networks())),
             kill_switch=self.blocking,
-            link_index=self.link_index if self.link_up and self.state is State.UP else None,
+            link_index=self.link_index if self.link_up and self.running() else None,
             everyone=self.everyone,
         )
 

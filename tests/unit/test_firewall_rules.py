@@ -42,19 +42,32 @@ def test_table_replaced_in_one_batch() -> None:
     assert "table" in commands[1]["delete"]
 
 
-def test_up_tunnel_accepts_owner_then_drops() -> None:
-    via = rules_of(build_ruleset([tunnel()]), "corp-via")
+def engaged_set(commands: list[dict[str, Any]]) -> list[str]:
+    sets = [c["add"]["set"] for c in commands if "set" in c.get("add", {})]
+    (engaged,) = [s for s in sets if s["name"] == "engaged"]
+    return list(engaged.get("elem", []))
 
-    assert '"accept": null' in via[0]
-    assert '"skuid"' in via[0]
+
+def test_up_tunnel_accepts_owner_then_drops() -> None:
+    commands = build_ruleset([tunnel()])
+    via = rules_of(commands, "corp-via")
+
+    # The first two rules apply only while the interface is in the engaged set.
+    assert all('"@engaged"' in rule for rule in via[:2])
+    assert '"accept": null' in via[2]
+    assert '"skuid"' in via[2]
     assert via[-1].endswith('{"drop": null}]')
+    assert engaged_set(commands) == []
 
 
 def test_engaged_tunnel_rejects_owner() -> None:
-    via = rules_of(build_ruleset([tunnel(engaged=True)]), "corp-via")
+    commands = build_ruleset([tunnel(engaged=True)])
+    via = rules_of(commands, "corp-via")
 
+    assert '"@engaged"' in via[0] and '"skuid"' in via[0]
     assert '"target": "reject"' in via[0]
-    assert not any('"accept"' in rule for rule in via)
+    assert '"@engaged"' in via[1] and '{"drop": null}' in via[1]
+    assert engaged_set(commands) == ["corp"]
 
 
 def test_kill_switch_off_has_no_owner_chain() -> None:
