@@ -1,8 +1,8 @@
 """The policy through the real CLI: the screen changes hands while alice's tunnel is up.
 
 A simulated logind on a private bus plays the sessions.  bob's background
-job probes the private server every 10 ms from start to end; counters on the
-shared machine tell whose packets left by the tunnel and by the direct path.
+job probes the private server every 10 ms from start to end.  Counters on the
+shared machine show whose packets left by the tunnel and by the direct path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import ALICE, BOB, Lab, kernel_state, puppet
-from userbound.errors import EXIT_NOT_PERMITTED, EXIT_USAGE
+from userbound.errors import EXIT_NOT_FOUND, EXIT_NOT_PERMITTED, EXIT_USAGE
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
 from userbound.lab.testbed import USERBOUND
 
@@ -121,7 +121,7 @@ def test_fast_user_switch(story: Story, action: str, state: str) -> None:
 
     story.act(switch_to_bob)
     if action == "keep":
-        # Nothing is to change: wait for the decision, which says so.
+        # The tunnel stays up: wait for the decision to keep it.
         deadline = time.monotonic() + 10
         while ("on_switch_away", "keep", "up") not in story.decisions():
             assert time.monotonic() < deadline, story.events()
@@ -149,7 +149,7 @@ def test_fast_user_switch(story: Story, action: str, state: str) -> None:
     story.check_nothing_leaked()
 
 
-def test_the_whole_story(story: Story) -> None:
+def test_policy_whole_story(story: Story) -> None:
     story.start(
         'on_switch_away = "suspend"\n'
         'on_lock = "suspend"\n'
@@ -234,7 +234,8 @@ def test_bob_sees_only_his_own_events(story: Story) -> None:
     bob = story.lab.bed.cli(BOB, "events", "--json")
     root = story.lab.bed.cli(0, "events", "--json")
 
-    assert bob.returncode == 0 and bob.stdout == ""
+    assert bob.returncode == 0
+    assert bob.stdout == ""
     assert any(json.loads(line)["tunnel"] == story.tunnel for line in root.stdout.splitlines())
     log = story.lab.bed.directory / "state" / "audit.log"
     assert log.stat().st_mode & 0o777 == 0o600
@@ -340,7 +341,7 @@ def test_invalid_policy_refused(lab: Lab, policy: str, words: str) -> None:
     )
 
 
-def test_reload_keeps_the_policy_when_the_file_is_wrong(story: Story) -> None:
+def test_reload_invalid_file_keeps_policy(story: Story) -> None:
     path = story.lab.bed.directory / "policy.toml"
     story.start('on_switch_away = "keep"\n')
 
@@ -359,3 +360,43 @@ def test_reload_keeps_the_policy_when_the_file_is_wrong(story: Story) -> None:
     story.expect("suspended")
     events = story.events()
     assert any(e["event"] == "decision" and e["trigger"] == "policy reloaded" for e in events)
+
+
+def test_no_reconnect_waits_for_resume(story: Story) -> None:
+    story.start('on_switch_away = "suspend"\non_lock = "disconnect"\nreconnect_on_return = false\n')
+    story.act(switch_to_bob)
+    story.expect("suspended")
+
+    early = story.lab.bed.cli(ALICE, "resume", story.tunnel)
+    assert early.returncode == EXIT_NOT_PERMITTED
+    assert "seat0 shows" in early.stderr
+    story.act(switch_to_alice)
+    time.sleep(0.5)
+    assert story.state() == "suspended"
+    resumed = story.lab.bed.cli(ALICE, "resume", story.tunnel)
+    assert resumed.returncode == 0, resumed.stderr
+    assert story.state() == "up"
+    assert story.alice_reaches()
+
+    # Without reconnect_on_return, a disconnect removes the tunnel.
+    story.act(lambda logind: logind.lock(ALICE_SESSION))
+    deadline = time.monotonic() + 10
+    while story.lab.bed.cli(0, "status", story.tunnel).returncode != EXIT_NOT_FOUND:
+        assert time.monotonic() < deadline, story.lab.bed.daemon_log()
+        time.sleep(0.05)
+    assert story.events()[-1]["state"] == "removed"
+    story.check_nothing_leaked()
+
+
+def test_system_scope_lets_everyone_in(lab: Lab) -> None:
+    lab.bed.count_by_user([BOB])
+    path = lab.bed.write_config(lab.bed.client_config(lab.bed.add_client()), 0)
+    name = lab.bed.tunnel_name()
+
+    shared = lab.bed.cli(0, "up", str(path), "--name", name, "--scope", "system")
+
+    assert shared.returncode == 0, shared.stderr
+    # The control case: a tunnel for every uid carries bob's packets too.
+    assert lab.bed.probe(BOB, "udp") == "ok"
+    assert lab.bed.sent(BOB, "tunnel") > 0
+    assert lab.status(name)["allowed_uids"] == "all"

@@ -576,6 +576,9 @@ class Daemon:
             caller.uid,
         )
         self._audit(tunnel, "up", by=caller.uid, previous_state=None)
+        if tunnel.hold.pending is not None:
+            # The policy loop learns of the new grace period and wakes at its end.
+            self._policy_due.set()
         return {
             "name": name,
             "interface": tunnel.interface,
@@ -895,9 +898,9 @@ class Daemon:
     def _follow_hold(self, tunnel: Tunnel, previous: Action) -> bool:
         """Set the tunnel's state for a new hold; return whether its data plane must stop."""
         if tunnel.hold.action is Action.DISCONNECT:
-            if tunnel.settings.reconnect_on_return:
-                tunnel.state = State.DISCONNECTED
-            else:
+            tunnel.state = State.DISCONNECTED
+            if not tunnel.settings.reconnect_on_return:
+                # Nothing brings it back: it goes, as with `userbound down`.
                 tunnel.removed = True
                 del self.tunnels[tunnel.name]
             return True

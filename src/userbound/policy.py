@@ -3,7 +3,7 @@
 The policy file (TOML) sets defaults for every tunnel, with `[users.NAME]`
 and `[groups.NAME]` tables that override them for one user or group.  A
 request to bring a tunnel up may ask for stricter settings than the policy
-gives its owner, never looser ones, unless root asks.
+gives its owner, never looser ones; root may request any.
 
 `decide()` turns a session snapshot into the action a tunnel should get and
 the causes behind it; `next_hold()` adds the grace period and
@@ -303,10 +303,10 @@ def load_policy(path: Path, *, required: bool) -> Policy:
 def effective(
     policy: Policy, owner: int, request: Mapping[str, Any], *, privileged: bool
 ) -> Settings:
-    """Combine the policy's settings for an owner with what a request asks for.
+    """Combine the policy's settings for an owner with the settings a request contains.
 
-    An unprivileged request may only tighten: a looser value is refused
-    with the key, the value asked for and the policy's value.
+    An unprivileged request may only tighten them.  A looser value raises
+    NotPermitted, naming the key, the requested value and the policy's value.
     """
     given = policy.settings_for(owner)
     values = {key: getattr(given, key) for key in KEYS}
@@ -492,7 +492,7 @@ def decide(
 
 @dataclass(frozen=True)
 class Hold:
-    """What the policy applies to a tunnel, and a stricter action waiting out its grace period."""
+    """The action in force for a tunnel, and a stricter action waiting for its grace period."""
 
     action: Action = Action.KEEP
     pending: Action | None = None
@@ -502,9 +502,9 @@ class Hold:
 def next_hold(hold: Hold, decision: Decision, settings: Settings, now: float) -> Hold:
     """Return the hold after a decision.
 
-    A stricter action applies once its cause has lasted the grace period; a
-    looser one applies at once when reconnect_on_return is set, and never
-    by itself otherwise.  Hold.pending_since then tells when to look again.
+    A stricter action applies once its cause has lasted the grace period.  A
+    looser one applies at once when reconnect_on_return is set, and never by
+    itself otherwise.  Hold.pending_since tells when the grace period began.
     """
     target = decision.action
     if target.rank > hold.action.rank:
