@@ -400,3 +400,21 @@ def test_system_scope_lets_everyone_in(lab: Lab) -> None:
     assert lab.bed.probe(BOB, "udp") == "ok"
     assert lab.bed.sent(BOB, "tunnel") > 0
     assert lab.status(name)["allowed_uids"] == "all"
+
+
+def test_reload_narrows_a_request(lab: Lab) -> None:
+    path = lab.use_policy("allow_users = [2002, 2003]\n")
+    name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()), "--allow", str(BOB))
+    assert lab.status(name)["allowed_uids"] == [ALICE, BOB]
+
+    # The new policy no longer lets bob in, and the request never named 2003.
+    path.write_text("allow_users = [2003]\n")
+    lab.daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while lab.status(name)["allowed_uids"] != [ALICE]:
+        assert time.monotonic() < deadline, lab.status(name)
+        time.sleep(0.05)
+    events = lab.bed.cli(ALICE, "events", "--json").stdout.splitlines()
+    narrowed = [e for e in map(json.loads, events) if e["event"] == "settings-narrowed"]
+    assert narrowed[-1]["tunnel"] == name
+    assert narrowed[-1]["keys"] == ["allow_users"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import select
 import stat
 import sys
@@ -316,6 +317,12 @@ def requested_settings(arguments: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _option_of(match: re.Match[str]) -> str:
+    key = match.group(1)
+    option = {"allow_users": "allow", "allow_groups": "allow-group"}.get(key, key)
+    return "--" + option.replace("_", "-")
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
@@ -450,7 +457,12 @@ def command_up(path: str, arguments: argparse.Namespace) -> int:
     if arguments.owner is not None:
         owner = arguments.owner
         params["owner"] = int(owner) if is_uid_text(owner) else owner
-    result = call(path, "up", params)
+    try:
+        result = call(path, "up", params)
+    except UserboundError as error:
+        # The daemon names settings as the policy file does; name the options instead.
+        error.message = re.sub(r"\bsettings\.(\w+)", _option_of, error.message)
+        raise
     print(result["name"])
     if result["state"] != "up":
         print(
@@ -477,7 +489,8 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
             continue
         handshake = tunnel["last_handshake"]
         ago = f"{time.time() - handshake:.0f} s ago" if handshake else "never"
-        print(f"  interface:      {tunnel['interface']} ({tunnel['data_plane']})")
+        plane = tunnel["data_plane"] or "no data plane"
+        print(f"  interface:      {tunnel['interface']} ({plane})")
         allowed = tunnel["allowed_uids"]
         if isinstance(allowed, list):
             allowed = " ".join(str(u) for u in allowed)
@@ -489,7 +502,13 @@ def command_status(path: str, arguments: argparse.Namespace) -> int:
         else:
             print(f"  policy:         {policy['rule']} = {policy['action']}: {policy['reason']}")
         if policy["pending"]:
-            print(f"                  {policy['pending']} waits for the grace period")
+            remaining = max(0.0, policy["pending_at"] - time.time())
+            print(f"                  {policy['pending']} in {remaining:.1f} s if the cause lasts")
+        if policy["waits_for_resume"]:
+            print(
+                f"                  held {policy['applied']} until `userbound resume "
+                f"{tunnel['name']}` (reconnect_on_return is off)"
+            )
         print("  settings:")
         for key, setting in tunnel["settings"].items():
             value = setting["value"]

@@ -51,6 +51,7 @@ from userbound.policy import (
     next_hold,
     owner_sessions,
     stricter_or_equal,
+    strictest,
 )
 from userbound.routing import (
     TABLE_FIRST,
@@ -121,6 +122,7 @@ class Daemon:
         self._policy_path = Path(policy_path) if policy_path else DEFAULT_POLICY
         self._policy_required = policy_path is not None
         self.policy = load_policy(self._policy_path, required=self._policy_required)
+        self._log_policy()
         self._sessions_source = sessions_source
         self._resync_interval = resync_interval
         self.sessions: Monitor | None = None
@@ -272,7 +274,14 @@ class Daemon:
             hold=Hold(Action(record["hold"])),
             owner_seen=bool(record["owner_seen"]),
         )
-        self._apply_settings(tunnel, self._settings_for(tunnel))
+        settings, changed = self._settings_for(tunnel)
+        if changed:
+            logger.warning(
+                "tunnel %s: the policy is now stricter than its request for %s",
+                tunnel.name,
+                ", ".join(changed),
+            )
+        self._apply_settings(tunnel, settings)
         pid = record.get("pid")
         if isinstance(pid, int) and _is_wireguard_go(pid, tunnel.interface):
             tunnel.data_plane = WireGuardGo(tunnel.interface, pid=pid)
@@ -463,7 +472,11 @@ class Daemon:
                 previous = tunnel.state
                 tunnel.state = tunnel.running_state()
                 await self.sync()
-                logger.info("tunnel %s is %s again", tunnel.name, tunnel.state.value)
+                logger.info(
+                    "data plane of tunnel %s runs; the tunnel is %s",
+                    tunnel.name,
+                    tunnel.state.value,
+                )
                 self._audit(tunnel, "connected", previous_state=previous)
                 return
 
@@ -796,20 +809,29 @@ class Daemon:
         assert self.sessions is not None, "the session monitor starts first"
         return self.sessions.snapshot
 
-    def _settings_for(self, tunnel: Tunnel) -> Settings:
-        """Return a tunnel's settings under the current policy.
+    def _log_policy(self) -> None:
+        if self.policy.path is None:
+            logger.info("no policy file at %s: the built-in defaults apply", self._policy_path)
+        else:
+            logger.info("policy from %s", self.policy.path)
+        for warning in self.policy.warnings:
+            logger.warning("policy: %s", warning)
 
-        A user's request that the policy no longer permits loses the keys
-        that have become too loose: the policy's values apply instead.
+    def _settings_for(self, tunnel: Tunnel) -> tuple[Settings, list[str]]:
+        """Return a tunnel's settings under the current policy, and the keys it had to change.
+
+        Where a user's request has become looser than the policy, the
+        stricter of the two values applies: for allowed users, only those
+        both name.
         """
         request = check_layer(tunnel.request, "settings", REQUEST_KEYS)
-        try:
-            return effective(self.policy, tunnel.owner, request, privileged=tunnel.privileged)
-        except NotPermitted as error:
-            logger.warning("tunnel %s: %s; the policy's value applies", tunnel.name, error.message)
+        if tunnel.privileged:
+            return effective(self.policy, tunnel.owner, request, privileged=True), []
         given = self.policy.settings_for(tunnel.owner)
-        kept = {k: v for k, v in request.items() if stricter_or_equal(k, v, getattr(given, k))}
-        return effective(self.policy, tunnel.owner, kept, privileged=False)
+        changed = [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
+        for key in changed:
+            request[key] = strictest(key, [request[key], getattr(given, key)])
+        return effective(self.policy, tunnel.owner, request, privileged=False), changed
 
     @staticmethod
     def _apply_settings(tunnel: Tunnel, settings: Settings) -> None:
@@ -920,18 +942,31 @@ class Daemon:
             self.audit.add(_record("policy-rejected", reason=error.message))
             return
         self.policy = policy
-        logger.info("policy reloaded from %s", self._policy_path)
+        self._log_policy()
         self.audit.add(_record("policy-reloaded", path=str(self._policy_path)))
         asyncio.get_running_loop().create_task(self._apply_new_policy())
 
     async def _apply_new_policy(self) -> None:
         async with self._lock:
+            narrowed: list[tuple[Tunnel, list[str]]] = []
             for tunnel in self.tunnels.values():
                 try:
-                    self._apply_settings(tunnel, self._settings_for(tunnel))
+                    settings, changed = self._settings_for(tunnel)
                 except UserboundError as error:
                     logger.error("tunnel %s keeps its settings: %s", tunnel.name, error.message)
+                    continue
+                self._apply_settings(tunnel, settings)
+                if changed:
+                    narrowed.append((tunnel, changed))
             await self.sync(refresh=False)
+        for tunnel, changed in narrowed:
+            # The owner sees this event: their request no longer applies as it was.
+            logger.warning(
+                "tunnel %s: the new policy is stricter than its request for %s",
+                tunnel.name,
+                ", ".join(changed),
+            )
+            self._audit(tunnel, "settings-narrowed", previous_state=tunnel.state, keys=changed)
         await self.apply_policy([], "policy reloaded")
 
     async def _resume(self, params: Params, caller: Caller) -> dict[str, Any]:
@@ -942,9 +977,14 @@ class Daemon:
             if tunnel.state is not State.SUSPENDED:
                 raise InvalidRequest(f"tunnel {name!r} is {tunnel.state.value}, not suspended")
             if tunnel.decision.action is not Action.KEEP:
+                then = (
+                    "it resumes by itself when that changes"
+                    if tunnel.settings.reconnect_on_return
+                    else "run this again when that has changed"
+                )
                 raise NotPermitted(
                     f"the policy still gives tunnel {name!r} "
-                    f"{tunnel.decision.action.value}: {tunnel.decision.reason}"
+                    f"{tunnel.decision.action.value} ({tunnel.decision.reason}); {then}"
                 )
             previous = tunnel.state
             tunnel.hold = Hold()

@@ -184,9 +184,14 @@ def check_layer(table: Any, where: str, keys: frozenset[str] = frozenset(KEYS)) 
     checked = {}
     for key, value in table.items():
         if key not in keys:
+            hint = ""
+            if isinstance(value, dict):
+                hint = "; overrides go in [users.NAME] and [groups.NAME] tables"
             raise _fail(
                 f"{where}.{key}" if where else key,
-                "unknown setting; expected one of " + ", ".join(k for k in KEYS if k in keys),
+                "unknown setting; expected one of "
+                + ", ".join(k for k in KEYS if k in keys)
+                + hint,
             )
         checked[key] = check_value(key, value, f"{where}.{key}" if where else key)
     return checked
@@ -233,6 +238,8 @@ class Policy:
     users: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     groups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     path: str | None = None
+    # Mistakes that do not stop the policy, such as a table for an unknown user.
+    warnings: tuple[str, ...] = ()
 
     def settings_for(self, owner: int) -> Settings:
         """Return the settings the policy gives a user's tunnels."""
@@ -271,8 +278,7 @@ def parse_policy(text: str, path: str | None = None) -> Policy:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        where = f"policy {path}" if path else "policy"
-        raise InvalidRequest(f"{where} is not valid TOML: {error}") from None
+        raise InvalidRequest(f"not valid TOML: {error}") from None
     tables: dict[str, dict[str, dict[str, Any]]] = {"users": {}, "groups": {}}
     for kind in ("users", "groups"):
         section = data.pop(kind, {})
@@ -281,7 +287,25 @@ def parse_policy(text: str, path: str | None = None) -> Policy:
         for name, table in section.items():
             tables[kind][name] = check_layer(table, f"{kind}.{name}")
     base = check_layer(data, "")
-    return Policy(base, tables["users"], tables["groups"], path)
+    warnings = [
+        f"[users.{name}] matches no account"
+        for name in tables["users"]
+        if not is_uid_text(name) and not _exists(pwd.getpwnam, name)
+    ]
+    warnings += [
+        f"[groups.{name}] matches no group"
+        for name in tables["groups"]
+        if not _exists(grp.getgrnam, name)
+    ]
+    return Policy(base, tables["users"], tables["groups"], path, tuple(warnings))
+
+
+def _exists(lookup: Any, name: str) -> bool:
+    try:
+        lookup(name)
+    except (KeyError, ValueError):
+        return False
+    return True
 
 
 def load_policy(path: Path, *, required: bool) -> Policy:
@@ -295,9 +319,18 @@ def load_policy(path: Path, *, required: bool) -> Policy:
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidRequest(f"cannot read policy file {path}: {error}") from None
     try:
-        return replace(parse_policy(text), path=str(path))
+        policy = parse_policy(text, str(path))
     except InvalidRequest as error:
         raise InvalidRequest(f"policy file {path}: {error.message}") from None
+    mode = path.stat()
+    if mode.st_uid != 0 or mode.st_mode & 0o022:
+        # Whoever may write the file decides what happens to every tunnel.
+        warning = (
+            f"{path} is owned or writable by a user other than root; "
+            f"run: chown root: {path}; chmod 644 {path}"
+        )
+        policy = replace(policy, warnings=(*policy.warnings, warning))
+    return policy
 
 
 def effective(

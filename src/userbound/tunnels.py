@@ -22,7 +22,7 @@ from typing import Any
 from userbound import wgconfig
 from userbound.accounts import user_name
 from userbound.firewall import TunnelRules
-from userbound.policy import Action, Decision, Hold, Settings
+from userbound.policy import Action, Decision, Hold, Settings, grace_deadline
 from userbound.routing import TunnelRoutes, dns_mark
 from userbound.wgconfig import IPNetwork, WireGuardConfig
 from userbound.wireguard import DataPlane, DeviceStatus
@@ -193,11 +193,7 @@ class Tunnel:
             "allowed_uids": "all" if self.everyone else sorted(self.allowed_uids),
             "kill_switch": self.kill_switch,
             "settings": self.settings.to_json(),
-            "policy": {
-                **self.decision.to_json(),
-                "applied": self.hold.action.value,
-                "pending": self.hold.pending.value if self.hold.pending else None,
-            },
+            "policy": self.policy_json(),
             "public_key": wgconfig.public_key(self.config.private_key).base64(),
             "addresses": [str(a) for a in self.config.addresses],
             "dns_servers": [str(a) for a in self.config.dns_servers],
@@ -209,6 +205,19 @@ class Tunnel:
             "tx_bytes": sum(p.tx_bytes for p in live.values()),
             "peers": peers,
             "created": self.created,
+        }
+
+    def policy_json(self) -> dict[str, Any]:
+        """Describe the policy's decision, the action in force and what waits."""
+        deadline = grace_deadline(self.hold, self.settings)
+        return {
+            **self.decision.to_json(),
+            "applied": self.hold.action.value,
+            "pending": self.hold.pending.value if self.hold.pending else None,
+            # Seconds since the epoch at which the pending action applies.
+            "pending_at": time.time() + deadline - time.monotonic() if deadline else None,
+            # Suspended with no cause left, and reconnect_on_return off.
+            "waits_for_resume": self.held and self.decision.action is Action.KEEP,
         }
 
     def record(self) -> dict[str, Any]:

@@ -225,14 +225,14 @@ def test_users_and_groups_must_be_tables(text: str, where: str) -> None:
     ],
 )
 def test_invalid_toml(text: str) -> None:
-    with pytest.raises(InvalidRequest, match="is not valid TOML"):
+    with pytest.raises(InvalidRequest, match="not valid TOML"):
         parse_policy(text)
-    with pytest.raises(InvalidRequest, match=r"^policy /etc/x\.toml is not valid TOML: "):
+    with pytest.raises(InvalidRequest, match=r"^not valid TOML: "):
         parse_policy(text, "/etc/x.toml")
 
 
 def test_invalid_toml_message_without_path() -> None:
-    with pytest.raises(InvalidRequest, match=r"^policy is not valid TOML: "):
+    with pytest.raises(InvalidRequest, match=r"^not valid TOML: "):
         parse_policy("on_lock =")
 
 
@@ -301,7 +301,7 @@ def test_load_policy_missing_file(tmp_path: Path) -> None:
     ("content", "message"),
     [
         pytest.param(b'on_lock = "pause"\n', "on_lock: invalid value 'pause'", id="wrong-value"),
-        pytest.param(b"on_lock =\n", "is not valid TOML", id="invalid-toml"),
+        pytest.param(b"on_lock =\n", ": not valid TOML", id="invalid-toml"),
         pytest.param(b'on_lock = "\xff"\n', "cannot read policy file", id="not-utf8"),
     ],
 )
@@ -1136,3 +1136,29 @@ def test_action_applies_at_grace_deadline() -> None:
     assert deadline is not None
 
     assert next_hold(hold, decision_for(SUSPEND), settings, deadline) == Hold(SUSPEND)
+
+
+def test_policy_warns_of_unknown_tables() -> None:
+    policy = parse_policy(
+        '[users.ub-nobody]\non_lock = "suspend"\n[groups.ub-none]\nkill_switch = true\n'
+    )
+
+    assert policy.warnings == (
+        "[users.ub-nobody] matches no account",
+        "[groups.ub-none] matches no group",
+    )
+
+
+def test_misnamed_override_table_hints() -> None:
+    with pytest.raises(InvalidRequest, match=r"\[users\.NAME\] and \[groups\.NAME\]"):
+        parse_policy('[user.alice]\non_lock = "suspend"\n')
+
+
+def test_policy_file_writable_by_others_warns(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('on_lock = "suspend"\n')
+    path.chmod(0o666)
+
+    policy = load_policy(path, required=True)
+
+    assert any("chmod 644" in warning for warning in policy.warnings)
