@@ -230,7 +230,12 @@ class Daemon:
             await self.shutdown()
 
     async def restore(self) -> None:
-        """Adopt the tunnels a previous daemon left, or replace their data planes."""
+        """Adopt the tunnels a previous daemon left, or replace their data planes.
+
+        Each tunnel gets the policy's decision for the current sessions before
+        its rules are written, and that decision is audited.
+        """
+        restored: list[tuple[Tunnel, Action]] = []
         async with self._lock:
             for record in self._state_file.load():
                 try:
@@ -238,23 +243,33 @@ class Daemon:
                 except (UserboundError, KeyError, TypeError, ValueError) as error:
                     logger.error("dropping stored tunnel %r: %s", record.get("name"), error)
                     continue
-                self.tunnels[tunnel.name] = tunnel
+                stored = tunnel.hold.action
                 self._decide(tunnel, self._snapshot(), time.monotonic())
+                restored.append((tunnel, stored))
                 if tunnel.hold.action is Action.DISCONNECT:
                     if tunnel.data_plane is not None:
                         await tunnel.data_plane.stop()
                         tunnel.data_plane = None
                     tunnel.state = State.DISCONNECTED
+                    if not tunnel.settings.reconnect_on_return:
+                        tunnel.removed = True
+                        continue
                 elif tunnel.data_plane is not None and await self._adopt(tunnel):
                     tunnel.state = tunnel.running_state()
                     logger.info("adopted tunnel %s of uid %d", tunnel.name, tunnel.owner)
+                self.tunnels[tunnel.name] = tunnel
             # One transaction: adopted tunnels stay open or suspended, the
             # rest wait behind the kill switch, and leftovers no tunnel
             # claims are removed.
             await self.sync()
-        for tunnel in self.tunnels.values():
-            if tunnel.state is not State.DISCONNECTED:
+        for tunnel, stored in restored:
+            if tunnel.state is not State.DISCONNECTED and not tunnel.removed:
                 self._supervise(tunnel, start_now=tunnel.data_plane is None)
+            # The state the previous daemon last stored: its last commit may be newer.
+            previous = {Action.KEEP: State.UP, Action.SUSPEND: State.SUSPENDED}.get(
+                stored, State.DISCONNECTED
+            )
+            self._audit(tunnel, "decision", previous_state=previous, trigger="restart")
 
     def _tunnel_from_record(self, record: dict[str, Any]) -> Tunnel:
         config = wgconfig.parse(record["config"])
