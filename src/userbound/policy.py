@@ -1,4 +1,4 @@
-"""What happens to a tunnel when the screen changes hands: settings and pure decisions.
+"""Policy settings and pure decisions: what happens to a tunnel when the screen changes hands.
 
 The policy file (TOML) sets defaults for every tunnel, with `[users.NAME]`
 and `[groups.NAME]` tables that override them for one user or group.  A
@@ -324,7 +324,7 @@ def load_policy(path: Path, *, required: bool) -> Policy:
         raise InvalidRequest(f"policy file {path}: {error.message}") from None
     mode = path.stat()
     if mode.st_uid != 0 or mode.st_mode & 0o022:
-        # Whoever may write the file decides what happens to every tunnel.
+        # The file decides what happens to every tunnel, so only root may write it.
         warning = (
             f"{path} is owned or writable by a user other than root; "
             f"run: chown root: {path}; chmod 644 {path}"
@@ -537,7 +537,7 @@ def next_hold(hold: Hold, decision: Decision, settings: Settings, now: float) ->
 
     A stricter action applies once its cause has lasted the grace period.  A
     looser one applies at once when reconnect_on_return is set, and never by
-    itself otherwise.  Hold.pending_since tells when the grace period began.
+    itself otherwise.  Hold.pending_since is when the grace period began.
     """
     target = decision.action
     if target.rank > hold.action.rank:

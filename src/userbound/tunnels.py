@@ -101,9 +101,9 @@ class Tunnel:
         return self.hold.action is not Action.KEEP
 
     def running(self) -> bool:
-        """Whether the data plane runs with its link up: the tunnel is up or suspended.
+        """Return whether the data plane runs with its link up: the tunnel is up or suspended.
 
-        A suspended tunnel keeps its routes; the firewall rejects what would
+        A suspended tunnel keeps its routes.  The firewall rejects what would
         enter it, so resuming rewrites one nftables set and nothing else.
         """
         return self.state in (State.UP, State.SUSPENDED)
