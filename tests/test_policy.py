@@ -57,6 +57,11 @@ class Story:
         )
         self.lab.bed.count_by_user([ALICE, BOB])
         self.bob_loop = self.lab.bed.start_probe_loop(BOB, "bob")
+        # bob's job runs from the start: wait for its first probe.
+        deadline = time.monotonic() + 15
+        while not self.lab.bed.loop_results(self.bob_loop):
+            assert time.monotonic() < deadline, "bob's job never probed"
+            time.sleep(0.02)
         self.act(lambda logind: logind.login(ALICE_SESSION, ALICE, "alice", vt=5, activate=True))
         self.tunnel = self.lab.up_ok(ALICE, self.lab.bed.client_config(self.lab.bed.add_client()))
 
