@@ -23,6 +23,7 @@ from userbound.protocol import MAX_REQUEST_BYTES, PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
 
+REJECT_READ_TIMEOUT = 1.0  # seconds a rejected client has to send its request
 IDLE_TIMEOUT = 30.0  # seconds to send a whole request line
 STREAM_WRITE_TIMEOUT = 10.0  # seconds a stream's client may leave a line unread
 MAX_CONNECTIONS_PER_UID = 16  # root is not limited
@@ -196,6 +197,10 @@ class ControlServer:
                     f"too many open control connections from uid {caller.uid} (at most "
                     f"{MAX_CONNECTIONS_PER_UID}); close some and try again"
                 )
+                # The reply follows the request, so the client is not cut off
+                # while it still sends (it would see a broken pipe, not the reason).
+                with contextlib.suppress(TimeoutError, OSError, ValueError):
+                    await asyncio.wait_for(reader.readline(), REJECT_READ_TIMEOUT)
                 writer.write(json.dumps(_error_reply(limit)).encode() + b"\n")
                 return
             while True:
