@@ -21,7 +21,7 @@ import pytest
 from conftest import ALICE, BOB, Lab, kernel_state, puppet
 from userbound.errors import EXIT_NOT_FOUND, EXIT_NOT_PERMITTED, EXIT_USAGE
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
-from userbound.lab.testbed import USERBOUND
+from userbound.lab.testbed import PRIVATE_V4, USERBOUND
 
 pytestmark = pytest.mark.root
 
@@ -133,6 +133,12 @@ def test_fast_user_switch(story: Story, action: str, state: str) -> None:
             time.sleep(0.05)
     story.expect(state)
     assert story.alice_reaches() == (action == "keep")
+    if action != "keep":
+        # DNS too: a query redirected to the tunnel's resolver must not pass.
+        before = story.lab.bed.through_tunnel()
+        for server in (PRIVATE_V4, "10.200.1.1"):
+            assert story.lab.bed.probe(ALICE, "dns", server, timeout=1.0) in BLOCKED
+        assert story.lab.bed.through_tunnel() == before
     through = story.lab.bed.through_tunnel()
 
     story.act(switch_to_alice)
@@ -297,7 +303,7 @@ def test_remote_owner_refused_when_the_policy_says_so(story: Story) -> None:
     result = story.lab.bed.cli(BOB, "up", str(path), "--name", "ubremote")
 
     assert result.returncode == EXIT_NOT_PERMITTED
-    assert "only remote sessions" in result.stderr
+    assert "no local session" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -423,3 +429,47 @@ def test_reload_narrows_a_request(lab: Lab) -> None:
     narrowed = [e for e in map(json.loads, events) if e["event"] == "settings-narrowed"]
     assert narrowed[-1]["tunnel"] == name
     assert narrowed[-1]["keys"] == ["allow_users"]
+
+
+def test_reload_starts_a_grace_period(story: Story) -> None:
+    path = story.lab.bed.directory / "policy.toml"
+    story.start("")
+    story.act(switch_to_bob)
+    time.sleep(0.3)
+
+    path.write_text('on_switch_away = "suspend"\ngrace_period = 1\n')
+    story.lab.daemon.send_signal(signal.SIGHUP)
+
+    # No session event follows: the end of the grace period alone applies it.
+    story.expect("suspended")
+    last = [e for e in story.events() if e["event"] == "decision"][-1]
+    assert last["trigger"] == "grace period"
+
+
+def test_remote_owner_without_local_session_refused(story: Story) -> None:
+    story.start("allow_remote_owner = false\n")
+    path = story.lab.bed.write_config(story.lab.bed.client_config(story.lab.bed.add_client()), BOB)
+
+    # bob has no session at all, as a job started by cron.
+    result = story.lab.bed.cli(BOB, "up", str(path), "--name", "ubnosess")
+
+    assert result.returncode == EXIT_NOT_PERMITTED
+    assert "no local session" in result.stderr
+
+
+def test_restart_keeps_tunnel_with_stale_request(lab: Lab) -> None:
+    name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()), "--on-lock", "suspend")
+    lab.stop_daemon(signal.SIGKILL)
+    # The request names a user who has left since.
+    state = lab.bed.directory / "state" / "tunnels.json"
+    stored = json.loads(state.read_text())
+    stored["tunnels"][0]["request"]["allow_users"] = ["ub-deleted-user"]
+    state.write_text(json.dumps(stored))
+
+    lab.restart_daemon()
+
+    tunnel = lab.status(name)
+    assert tunnel["state"] == "up"
+    assert tunnel["settings"]["on_lock"] == {"value": "suspend", "source": "request"}
+    assert tunnel["allowed_uids"] == [ALICE]
+    assert "ub-deleted-user" in lab.bed.daemon_log()

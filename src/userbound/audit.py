@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 ROTATE_BYTES = 1 << 20
 KEEP_FILES = 5
-RECENT = 1000  # events kept in memory
+RECENT = 1000  # events kept in memory for root, and for each tunnel owner
 
 Record = dict[str, Any]
 
@@ -38,6 +38,8 @@ class AuditLog:
         self._rotate_bytes = rotate_bytes
         self._keep_files = keep_files
         self.recent: collections.deque[Record] = collections.deque(maxlen=RECENT)
+        # Each owner's own, so that one user's many events cannot push out another's.
+        self._by_owner: dict[int, collections.deque[Record]] = {}
         self._subscribers: list[Callable[[Record], None]] = []
         self._failed = False
 
@@ -53,13 +55,25 @@ class AuditLog:
             except ValueError:
                 continue
             if isinstance(record, dict):
-                self.recent.append(record)
+                self._keep(record)
 
     def add(self, record: Record) -> None:
-        self.recent.append(record)
+        self._keep(record)
         for subscriber in list(self._subscribers):
             subscriber(record)
         self._write(record)
+
+    def _keep(self, record: Record) -> None:
+        self.recent.append(record)
+        owner = record.get("owner_uid")
+        if isinstance(owner, int):
+            if owner not in self._by_owner:
+                self._by_owner[owner] = collections.deque(maxlen=RECENT)
+            self._by_owner[owner].append(record)
+
+    def recent_of(self, owner: int) -> list[Record]:
+        """Return the latest events of one owner's tunnels, oldest first."""
+        return list(self._by_owner.get(owner, ()))
 
     def _write(self, record: Record) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"

@@ -139,6 +139,8 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
         # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an
         # integer longer than Python converts (4300 digits by default).
         raise InvalidRequest(f"request is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest("request is nested too deeply") from None
     if not isinstance(request, dict):
         raise InvalidRequest("request must be a JSON object")
     version = request.get("version")

@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ class Daemon:
         self.audit = AuditLog(self._state_dir / "audit.log")
         self._policy_due = asyncio.Event()
         self._undecided: list[Event] = []
+        self._reloaded = False  # SIGHUP read a new policy that the loop has yet to apply
         self._policy_task: asyncio.Task[None] | None = None
 
     # Lifecycle
@@ -286,7 +288,7 @@ class Daemon:
             privileged=bool(record["privileged"]),
             extra_uids={int(u) for u in record["extra_uids"]},
             removed_uids={int(u) for u in record["removed_uids"]},
-            hold=Hold(Action(record["hold"])),
+            hold=_stored_hold(record),
             owner_seen=bool(record["owner_seen"]),
         )
         settings, changed = self._settings_for(tunnel)
@@ -349,10 +351,11 @@ class Daemon:
         if refresh:
             for tunnel in tunnels:
                 tunnel.link_index, tunnel.link_up = await self._routing.link_state(tunnel.interface)
+        # Stored first: a daemon killed after the kernel change restarts from it.
+        self._state_file.save(tunnels)
         self._firewall.apply([t.firewall_rules() for t in tunnels])
         await self._routing.apply([t.routes() for t in tunnels], refresh=refresh)
         committed = time.monotonic()
-        self._state_file.save(tunnels)
         for tunnel in tunnels:
             engaged = tunnel.state is not State.UP
             if engaged and tunnel.enforced_state is State.UP and tunnel.blocking:
@@ -555,6 +558,11 @@ class Daemon:
         endpoints = await resolve_endpoints(config)
 
         async with self._lock:
+            # Again under the lock: a policy reloaded while the endpoints were
+            # resolved applies to this tunnel too.
+            settings = effective(self.policy, owner, request, privileged=caller.is_root)
+            if not settings.allow_remote_owner and not caller.is_root:
+                self._check_local_owner(owner)
             tunnel = Tunnel(
                 name=name,
                 owner=owner,
@@ -572,7 +580,8 @@ class Daemon:
                 self._check_quota(owner)
             await self._check_conflicts(tunnel)
             await self._check_addresses(tunnel, unprivileged=not caller.is_root)
-            self._decide(tunnel, self._snapshot(), time.monotonic())
+            # A cause that holds already applies at once: it began before the tunnel.
+            self._decide(tunnel, self._snapshot(), time.monotonic(), grace=False)
             if tunnel.hold.action is Action.DISCONNECT and not settings.reconnect_on_return:
                 raise NotPermitted(
                     f"the policy disconnects this tunnel now ({tunnel.decision.reason}); "
@@ -623,11 +632,11 @@ class Daemon:
                 f"the policy lets only users with a local session bring up a tunnel "
                 f"(allow_remote_owner = false), and sessions are unknown: {snapshot.reason}"
             )
-        mine = owner_sessions(snapshot, owner)
-        if mine and all(s.remote for s in mine):
+        if not any(not s.remote for s in owner_sessions(snapshot, owner)):
             raise NotPermitted(
-                f"uid {owner} has only remote sessions, and the policy lets only users with a "
-                "local session bring up a tunnel (allow_remote_owner = false)"
+                f"uid {owner} has no local session (only remote ones, or none), and the policy "
+                "lets only users with a local session bring up a tunnel "
+                "(allow_remote_owner = false)"
             )
 
     def _check_quota(self, owner: int) -> None:
@@ -839,13 +848,22 @@ class Daemon:
         stricter of the two values applies: for allowed users, only those
         both name.
         """
-        request = check_layer(tunnel.request, "settings", REQUEST_KEYS)
+        request: dict[str, Any] = {}
+        changed: list[str] = []
+        for key, value in tunnel.request.items():
+            # Each key alone: a user or group deleted since leaves the rest.
+            try:
+                request.update(check_layer({key: value}, "settings", REQUEST_KEYS))
+            except InvalidRequest as error:
+                logger.warning("tunnel %s: dropping %s", tunnel.name, error.message)
+                changed.append(key)
         if tunnel.privileged:
-            return effective(self.policy, tunnel.owner, request, privileged=True), []
+            return effective(self.policy, tunnel.owner, request, privileged=True), changed
         given = self.policy.settings_for(tunnel.owner)
-        changed = [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
+        changed += [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
         for key in changed:
-            request[key] = strictest(key, [request[key], getattr(given, key)])
+            if key in request:
+                request[key] = strictest(key, [request[key], getattr(given, key)])
         return effective(self.policy, tunnel.owner, request, privileged=False), changed
 
     @staticmethod
@@ -857,14 +875,15 @@ class Daemon:
         tunnel.allowed_uids = set(admitted - tunnel.removed_uids) | {tunnel.owner}
 
     @staticmethod
-    def _decide(tunnel: Tunnel, snapshot: Snapshot, now: float) -> None:
+    def _decide(tunnel: Tunnel, snapshot: Snapshot, now: float, *, grace: bool = True) -> None:
         if owner_sessions(snapshot, tunnel.owner):
             tunnel.owner_seen = True
         admitted = None if tunnel.everyone else frozenset(tunnel.allowed_uids)
         tunnel.decision = decide(
             snapshot, tunnel.owner, admitted, tunnel.settings, owner_seen=tunnel.owner_seen
         )
-        tunnel.hold = next_hold(tunnel.hold, tunnel.decision, tunnel.settings, now)
+        settings = tunnel.settings if grace else replace(tunnel.settings, grace_period=0.0)
+        tunnel.hold = next_hold(tunnel.hold, tunnel.decision, settings, now)
 
     def _on_session_event(self, event: Event) -> None:
         self._undecided.append(event)
@@ -889,6 +908,10 @@ class Daemon:
             self._policy_due.clear()
             events, self._undecided = self._undecided, []
             try:
+                if self._reloaded:
+                    self._reloaded = False
+                    await self._apply_new_policy()
+                    trigger = "policy reloaded"
                 await self.apply_policy(events, trigger)
             except Exception:
                 logger.exception("applying the policy failed")
@@ -959,9 +982,11 @@ class Daemon:
         self.policy = policy
         self._log_policy()
         self.audit.add(_record("policy-reloaded", path=str(self._policy_path)))
-        asyncio.get_running_loop().create_task(self._apply_new_policy())
+        self._reloaded = True
+        self._policy_due.set()
 
     async def _apply_new_policy(self) -> None:
+        """Compute every tunnel's settings under the new policy and write the rules."""
         async with self._lock:
             narrowed: list[tuple[Tunnel, list[str]]] = []
             for tunnel in self.tunnels.values():
@@ -982,7 +1007,6 @@ class Daemon:
                 ", ".join(changed),
             )
             self._audit(tunnel, "settings-narrowed", previous_state=tunnel.state, keys=changed)
-        await self.apply_policy([], "policy reloaded")
 
     async def _resume(self, params: Params, caller: Caller) -> dict[str, Any]:
         params.check_known({"name"})
@@ -1037,17 +1061,30 @@ class Daemon:
         """Return the filter of audit events a caller may see: root all, a user their own."""
         return lambda record: caller.is_root or record.get("owner_uid") == caller.uid
 
+    def _recent_events(self, caller: Caller) -> list[Record]:
+        return list(self.audit.recent) if caller.is_root else self.audit.recent_of(caller.uid)
+
     async def _events(self, params: Params, caller: Caller) -> dict[str, Any]:
         params.check_known(set())
-        visible = self._visible(caller)
-        return {"events": [r for r in self.audit.recent if visible(r)]}
+        return {"events": self._recent_events(caller)}
 
     async def _watch_events(self, params: Params, caller: Caller) -> Stream:
         params.check_known(set())
         visible = self._visible(caller)
-        recent = [r for r in self.audit.recent if visible(r)]
+        recent = self._recent_events(caller)
         follower = AuditFollower(self.audit, visible, MAX_QUEUED_EVENTS)
         return Stream({"events": recent}, follower.events(), follower.close)
+
+
+def _stored_hold(record: dict[str, Any]) -> Hold:
+    """Return the hold a state record keeps, with its grace period still running."""
+    pending = record.get("pending")
+    since = record.get("pending_since")
+    if pending is None or not isinstance(since, (int, float)):
+        return Hold(Action(record["hold"]))
+    # CLOCK_MONOTONIC restarts with the machine; a state folder that outlived
+    # a reboot starts the grace period again.
+    return Hold(Action(record["hold"]), Action(pending), min(float(since), time.monotonic()))
 
 
 def _record(event: str, **fields: Any) -> Record:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 TABLE = "userbound"
 FAMILY = "inet"
 ENGAGED_SET = "engaged"  # the interfaces of tunnels that are not up
+ENGAGED_MARKS = "engaged-dns"  # the DNS marks of those tunnels
 
 Json = dict[str, Any]
 
@@ -104,11 +105,11 @@ class Firewall:
     def _update_sets(self, tunnels: list[TunnelRules]) -> None:
         commands: list[Json] = []
         if [t.engaged for t in self._applied] != [t.engaged for t in tunnels]:
-            engaged = {"family": FAMILY, "table": TABLE, "name": ENGAGED_SET}
-            commands.append({"flush": {"set": engaged}})
-            interfaces = [t.interface for t in tunnels if t.engaged]
-            if interfaces:
-                commands.append({"add": {"element": {**engaged, "elem": interfaces}}})
+            for name, elements in _engaged_sets(tunnels).items():
+                engaged = {"family": FAMILY, "table": TABLE, "name": name}
+                commands.append({"flush": {"set": engaged}})
+                if elements:
+                    commands.append({"add": {"element": {**engaged, "elem": elements}}})
         for old, new in zip(self._applied, tunnels, strict=True):
             if (old.allowed_uids, old.everyone) != (new.allowed_uids, new.everyone):
                 uids = {"family": FAMILY, "table": TABLE, "name": new.uid_set}
@@ -188,6 +189,14 @@ def _uids(tunnel: TunnelRules) -> Json:
     return _match(_meta("skuid"), f"@{tunnel.uid_set}")
 
 
+def _engaged_sets(tunnels: Sequence[TunnelRules]) -> dict[str, list[Any]]:
+    """Return the elements of the sets that mark tunnels as engaged (not up)."""
+    return {
+        ENGAGED_SET: [t.interface for t in tunnels if t.engaged],
+        ENGAGED_MARKS: [t.dns_mark for t in tunnels if t.engaged and t.dns_servers],
+    }
+
+
 def _uid_elements(tunnel: TunnelRules) -> list[Any]:
     if tunnel.everyone:
         return [{"range": [0, MAX_UID]}]
@@ -256,6 +265,15 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
     # A marked query to any other address, from a flow tracked before the
     # redirection existed, goes on to them.  Setting a mark needs
     # CAP_NET_ADMIN: no ordinary user can forge one.
+    # While a tunnel is engaged, its redirected DNS queries are rejected
+    # here: they would otherwise return below and reach its routes.
+    types = {ENGAGED_SET: "ifname", ENGAGED_MARKS: "mark"}
+    for name, elements in _engaged_sets(tunnels).items():
+        engaged = {"family": FAMILY, "table": TABLE, "name": name, "type": types[name]}
+        commands.append({"add": {"set": {**engaged, "elem": elements} if elements else engaged}})
+    commands.append(
+        _rule("output", _match(_meta("mark"), f"@{ENGAGED_MARKS}"), {"goto": {"target": "reject"}})
+    )
     marks = sorted({t.fwmark for t in tunnels})
     commands.append(_rule("output", _match(_meta("mark"), _values(marks)), {"return": None}))
     for tunnel in tunnels:
@@ -265,9 +283,6 @@ def build_ruleset(tunnels: Sequence[TunnelRules]) -> list[Json]:
                 daddr = {"payload": {"protocol": protocol, "field": "daddr"}}
                 mark = _match(_meta("mark"), tunnel.dns_mark)
                 commands.append(_rule("output", mark, _match(daddr, servers[0]), {"return": None}))
-    engaged = {"family": FAMILY, "table": TABLE, "name": ENGAGED_SET, "type": "ifname"}
-    interfaces = [t.interface for t in tunnels if t.engaged]
-    commands.append({"add": {"set": {**engaged, "elem": interfaces} if interfaces else engaged}})
     for tunnel in tunnels:
         uids = {"family": FAMILY, "table": TABLE, "name": tunnel.uid_set, "type": "uid"}
         # An interval set, so that "every uid" is one range.

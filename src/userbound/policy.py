@@ -29,7 +29,7 @@ from userbound.sessions.model import Session, Snapshot
 
 DEFAULT_POLICY = Path("/etc/userbound/policy.toml")
 MAX_GRACE_PERIOD = 86400.0
-MAX_ALLOWED = 1024  # users or groups one list may name
+MAX_ALLOWED = 64  # users or groups one list may name; larger sets belong in a group
 
 
 class Action(StrEnum):

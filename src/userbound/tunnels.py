@@ -234,6 +234,8 @@ class Tunnel:
             "extra_uids": sorted(self.extra_uids),
             "removed_uids": sorted(self.removed_uids),
             "hold": self.hold.action.value,
+            "pending": self.hold.pending.value if self.hold.pending else None,
+            "pending_since": self.hold.pending_since,
             "owner_seen": self.owner_seen,
             "data_plane": self.data_plane.kind if self.data_plane else None,
             "pid": pid,
