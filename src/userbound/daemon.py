@@ -1,9 +1,10 @@
 """The root daemon: owns the tunnels, applies kernel enforcement, serves the control API.
 
-Every change to the tunnels ends in `sync()`, which changes the nftables table
-in one transaction and then brings the routing rules and routes in line.  The
-firewall goes first, so a uid that loses access is blocked before its routes
-change.
+Every change to the tunnels ends in `sync()`, which stores the tunnels, changes
+the nftables table in one transaction and then brings the routing rules and
+routes in line.  The firewall goes first, so a uid that loses access is
+blocked before its routes change.  The policy loop turns every change of the
+session state into a decision for each tunnel and applies it the same way.
 """
 
 from __future__ import annotations
