@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import summary
+from figures import header, summary
 
 from userbound.lab.logind import (
     SEAT,
@@ -169,14 +168,7 @@ def main() -> int:
         print("bench/policy.py: run as root (it builds network namespaces)", file=sys.stderr)
         return 3
 
-    figures: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    figures = header()
     with Testbed("ubb") as bed:
         with PrivateBus(bed.directory / "bus") as bus, SimulatedLogind(bus):
             asyncio.run(two_users(bus))

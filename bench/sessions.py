@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import summary
+from figures import header, summary
 
 from userbound.lab.logind import (
     SEAT,
@@ -200,14 +199,7 @@ def main() -> int:
         print("bench/sessions.py: run as root (it builds network namespaces)", file=sys.stderr)
         return 3
 
-    figures: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    figures = header()
     with tempfile.TemporaryDirectory() as folder:
         with PrivateBus(Path(folder) / "bus") as bus, SimulatedLogind(bus):
             asyncio.run(play_on(bus, two_users))

@@ -361,6 +361,11 @@ table inet lab {
     ) -> subprocess.Popen[bytes]:
         """Start the userbound daemon in the host namespace and wait until it accepts requests."""
         self.control_socket.unlink(missing_ok=True)
+        if "--policy" not in extra:
+            # The built-in defaults, whatever /etc/userbound/policy.toml says.
+            defaults = self.directory / "default-policy.toml"
+            defaults.touch()
+            extra = ("--policy", str(defaults), *extra)
         log = open(self.directory / "daemon.log", "ab")
         daemon = self.spawn(
             self.host,
