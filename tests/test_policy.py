@@ -458,18 +458,40 @@ def test_remote_owner_without_local_session_refused(story: Story) -> None:
 
 
 def test_restart_keeps_tunnel_with_stale_request(lab: Lab) -> None:
-    name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()), "--on-lock", "suspend")
+    lab.use_policy("allow_users = [2002, 2003]\n")
+    name = lab.up_ok(
+        ALICE,
+        lab.bed.client_config(lab.bed.add_client()),
+        "--on-lock",
+        "suspend",
+        "--allow",
+        "2002",
+    )
     lab.stop_daemon(signal.SIGKILL)
-    # The request names a user who has left since.
+    # The request names a user who has left since, besides bob.
     state = lab.bed.directory / "state" / "tunnels.json"
     stored = json.loads(state.read_text())
-    stored["tunnels"][0]["request"]["allow_users"] = ["ub-deleted-user"]
+    stored["tunnels"][0]["request"]["allow_users"] = ["ub-deleted-user", BOB]
     state.write_text(json.dumps(stored))
 
-    lab.restart_daemon()
+    lab.restart_daemon("--policy", str(lab.bed.directory / "policy.toml"))
 
     tunnel = lab.status(name)
     assert tunnel["state"] == "up"
     assert tunnel["settings"]["on_lock"] == {"value": "suspend", "source": "request"}
-    assert tunnel["allowed_uids"] == [ALICE]
+    # Only bob: the deleted user admits no one, and the policy's 2003 stays out.
+    assert tunnel["allowed_uids"] == [ALICE, BOB]
     assert "ub-deleted-user" in lab.bed.daemon_log()
+
+
+def test_state_file_failure_still_suspends(story: Story) -> None:
+    story.start('on_lock = "suspend"\n')
+    blocker = story.lab.bed.directory / "state" / "tunnels.tmp"
+    blocker.mkdir()
+
+    story.act(lambda logind: logind.lock(ALICE_SESSION))
+
+    story.expect("suspended")
+    assert not story.alice_reaches()
+    assert "cannot write the state file" in story.lab.bed.daemon_log()
+    blocker.rmdir()

@@ -44,11 +44,18 @@ class AuditLog:
         self._failed = False
 
     def load(self) -> None:
-        """Keep in memory the latest events an earlier daemon wrote, so a restart loses none."""
-        try:
-            lines = self.path.read_text(errors="replace").splitlines()[-RECENT:]
-        except OSError:
-            return
+        """Keep in memory the latest events an earlier daemon wrote, so a restart loses none.
+
+        The rotated files are read too, oldest first, so that each owner
+        finds their own latest events however many others wrote since.
+        """
+        lines: list[str] = []
+        for number in range(self._keep_files, -1, -1):
+            path = self.path.with_name(f"{self.path.name}.{number}") if number else self.path
+            try:
+                lines += path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
         for line in lines:
             try:
                 record = json.loads(line)

@@ -567,6 +567,8 @@ def describe_audit_event(event: dict[str, Any]) -> str:
         text += f", {event['previous_state'] or 'new'} -> {event['state']}"
     else:
         text += f", stays {event['state']}"
+    if event.get("keys"):
+        text += " in " + ", ".join(event["keys"])
     if event.get("latency_ms") is not None:
         text += f" in {event['latency_ms']:.1f} ms"
     if event["rule"]:

@@ -58,6 +58,15 @@ class Stream:
 Handler = Callable[[str, dict[str, Any], Caller], Awaitable[dict[str, Any] | Stream]]
 
 
+def _shown(value: Any) -> str:
+    """Return a value as JSON for an error message, shortened."""
+    try:
+        text = json.dumps(value)
+    except RecursionError:
+        return "a value nested too deeply"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 class Params:
     """Typed access to a request's parameters; every error names the field."""
 
@@ -69,7 +78,7 @@ class Params:
         if value is None and default is None:
             return None
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise InvalidRequest(f"field {name!r} must be {label}, got {json.dumps(value)}")
+            raise InvalidRequest(f"field {name!r} must be {label}, got {_shown(value)}")
         return value
 
     def string(self, name: str, *, required: bool = False) -> str | None:

@@ -295,7 +295,7 @@ class Daemon:
         settings, changed = self._settings_for(tunnel)
         if changed:
             logger.warning(
-                "tunnel %s: the policy is now stricter than its request for %s",
+                "tunnel %s: settings now differ from its request in %s",
                 tunnel.name,
                 ", ".join(changed),
             )
@@ -852,7 +852,11 @@ class Daemon:
         request: dict[str, Any] = {}
         changed: list[str] = []
         for key, value in tunnel.request.items():
-            # Each key alone: a user or group deleted since leaves the rest.
+            if key in ("allow_users", "allow_groups") and isinstance(value, list):
+                # Entry by entry: a user or group deleted since admits no one,
+                # and the policy's list must not take the request's place.
+                value = [v for v in value if self._still_valid(tunnel, key, v)]
+                changed += [key] if len(value) < len(tunnel.request[key]) else []
             try:
                 request.update(check_layer({key: value}, "settings", REQUEST_KEYS))
             except InvalidRequest as error:
@@ -861,11 +865,25 @@ class Daemon:
         if tunnel.privileged:
             return effective(self.policy, tunnel.owner, request, privileged=True), changed
         given = self.policy.settings_for(tunnel.owner)
-        changed += [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
-        for key in changed:
-            if key in request:
-                request[key] = strictest(key, [request[key], getattr(given, key)])
-        return effective(self.policy, tunnel.owner, request, privileged=False), changed
+        looser = [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
+        for key in looser:
+            request[key] = strictest(key, [request[key], getattr(given, key)])
+        settings = effective(self.policy, tunnel.owner, request, privileged=False)
+        # A value the policy gave back shows the policy as its source.
+        sources = dict(settings.sources)
+        for key in looser:
+            if getattr(settings, key) == getattr(given, key):
+                sources[key] = given.sources.get(key, "default")
+        return replace(settings, sources=sources), list(dict.fromkeys(changed + looser))
+
+    @staticmethod
+    def _still_valid(tunnel: Tunnel, key: str, entry: Any) -> bool:
+        try:
+            check_layer({key: [entry]}, "settings", REQUEST_KEYS)
+        except InvalidRequest as error:
+            logger.warning("tunnel %s: dropping from %s", tunnel.name, error.message)
+            return False
+        return True
 
     @staticmethod
     def _apply_settings(tunnel: Tunnel, settings: Settings) -> None:
@@ -936,6 +954,9 @@ class Daemon:
             if any(t.state is not state for t, state, _, _ in decided):
                 committed = await self.sync(refresh=False)
                 logger.debug("policy committed in %.2f ms", (committed - now) * 1000)
+            elif decided:
+                # A grace period that began changes no rule, but a restart must keep it.
+                self._state_file.save(list(self.tunnels.values()))
             for tunnel in stopped:
                 # After the commit: the tunnel is closed before its data plane stops.
                 await self._stop_data_plane(tunnel)
@@ -1003,7 +1024,7 @@ class Daemon:
         for tunnel, changed in narrowed:
             # The owner sees this event: their request no longer applies as it was.
             logger.warning(
-                "tunnel %s: the new policy is stricter than its request for %s",
+                "tunnel %s: under the new policy, settings differ from its request in %s",
                 tunnel.name,
                 ", ".join(changed),
             )

@@ -250,6 +250,13 @@ class StateFile:
         self.path = directory / "tunnels.json"
 
     def save(self, tunnels: list[Tunnel]) -> None:
+        """Write the tunnels; a failure is logged, since the kernel's rules matter more."""
+        try:
+            self._write(tunnels)
+        except OSError as error:
+            logger.error("cannot write the state file %s: %s", self.path, error)
+
+    def _write(self, tunnels: list[Tunnel]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         temporary = self.path.with_suffix(".tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

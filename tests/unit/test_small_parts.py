@@ -1,12 +1,15 @@
-"""Small pure helpers: uid ranges, full-tunnel extras, UAPI text, request parsing."""
+"""Small parts: uid ranges, full-tunnel extras, UAPI text, request parsing, the audit file."""
 
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from userbound import wgconfig
+from userbound.audit import AuditLog
 from userbound.control import Params, parse_request
 from userbound.errors import InvalidRequest
 from userbound.names import check_name
@@ -109,3 +112,26 @@ def test_params_name_wrong_type() -> None:
 def test_params_booleans_are_not_uids() -> None:
     with pytest.raises(InvalidRequest, match="field 'owner'"):
         Params({"owner": True}).user("owner")
+
+
+def test_params_error_on_deep_nesting() -> None:
+    nested: list[Any] = []
+    for _ in range(5000):
+        nested = [nested]
+
+    with pytest.raises(InvalidRequest, match="nested too deeply"):
+        Params({"name": nested}).string("name")
+
+
+def test_audit_load_keeps_each_owners_events(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log", rotate_bytes=20_000)
+    log.add({"event": "up", "owner_uid": 2001, "tunnel": "alice"})
+    for number in range(2000):
+        log.add({"event": "up", "owner_uid": 2002, "tunnel": f"bob{number}"})
+
+    restarted = AuditLog(tmp_path / "audit.log", rotate_bytes=20_000)
+    restarted.load()
+
+    assert [e["tunnel"] for e in restarted.recent_of(2001)] == ["alice"]
+    assert len(restarted.recent_of(2002)) == 1000
+    assert len(restarted.recent) == 1000
