@@ -581,7 +581,7 @@ class Daemon:
                 self._check_quota(owner)
             await self._check_conflicts(tunnel)
             await self._check_addresses(tunnel, unprivileged=not caller.is_root)
-            # A cause that holds already applies at once: it began before the tunnel.
+            # A cause that is present already applies at once: it began before the tunnel.
             self._decide(tunnel, self._snapshot(), time.monotonic(), grace=False)
             if tunnel.hold.action is Action.DISCONNECT and not settings.reconnect_on_return:
                 raise NotPermitted(

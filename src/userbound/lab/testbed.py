@@ -362,7 +362,7 @@ table inet lab {
         """Start the userbound daemon in the host namespace and wait until it accepts requests."""
         self.control_socket.unlink(missing_ok=True)
         if "--policy" not in extra:
-            # The built-in defaults, whatever /etc/userbound/policy.toml says.
+            # The built-in defaults, whatever /etc/userbound/policy.toml contains.
             defaults = self.directory / "default-policy.toml"
             defaults.touch()
             extra = ("--policy", str(defaults), *extra)
@@ -491,7 +491,7 @@ table inet lab {
 
         `direct_UID` counts those leaving by the public side, `tunnel_UID`
         those leaving by any other interface (a tunnel).  The chain runs
-        after userbound's, so it sees only packets userbound let out.
+        after userbound's, so it counts only packets userbound let out.
         """
         rules = []
         for uid in uids:
