@@ -11,6 +11,7 @@ import select
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +62,21 @@ MIN_RESYNC_INTERVAL = 1.0
 MAX_RESYNC_INTERVAL = 86400.0
 
 
-def _resync_interval(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not MIN_RESYNC_INTERVAL <= seconds <= MAX_RESYNC_INTERVAL:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}: give seconds from {MIN_RESYNC_INTERVAL:.0f} to "
-            f"{MAX_RESYNC_INTERVAL:.0f}"
-        )
-    return seconds
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """Return an argument type for seconds from low to high; NaN and infinity are invalid."""
+
+    def parse(text: str) -> float:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float("nan")
+        if not low <= seconds <= high:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: give seconds from {low:.0f} to {high:.0f}"
+            )
+        return seconds
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--resync-interval",
         metavar="SECONDS",
-        type=_resync_interval,
+        type=_seconds(MIN_RESYNC_INTERVAL, MAX_RESYNC_INTERVAL),
         default=30.0,
         help="read the whole session state again this often, even without a signal; "
         f"{MIN_RESYNC_INTERVAL:.0f} to {MAX_RESYNC_INTERVAL:.0f} (default: 30)",
@@ -227,18 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 ACTIONS = ("keep", "suspend", "disconnect")
 
 
-def _grace_period(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds <= MAX_GRACE_PERIOD:
-        raise argparse.ArgumentTypeError(
-            f"invalid value {text!r}: give seconds from 0 to {MAX_GRACE_PERIOD:.0f}"
-        )
-    return seconds
-
-
 def add_settings(up: argparse.ArgumentParser) -> None:
     """Add the policy's per-tunnel settings as options of `up`."""
     group = up.add_argument_group(
@@ -265,13 +258,13 @@ def add_settings(up: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let no other user in, whatever allow_users and allow_groups the policy gives",
     )
-    for rule, choices, what in (
+    for rule, choices, condition in (
         ("switch-away", ACTIONS, "another session takes the owner's seat"),
         ("lock", ACTIONS, "the owner's sessions are locked"),
         ("remote-session", ACTIONS, "another user has a remote session"),
         ("owner-logout", ("keep", "disconnect"), "the owner's last session ends"),
     ):
-        group.add_argument(f"--on-{rule}", choices=choices, help=f"what happens when {what}")
+        group.add_argument(f"--on-{rule}", choices=choices, help=f"what happens when {condition}")
     group.add_argument(
         "--reconnect-on-return",
         action=argparse.BooleanOptionalAction,
@@ -280,7 +273,7 @@ def add_settings(up: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--grace-period",
         metavar="SECONDS",
-        type=_grace_period,
+        type=_seconds(0, MAX_GRACE_PERIOD),
         help="how long a cause must last before its action",
     )
     group.add_argument(

@@ -864,16 +864,20 @@ class Daemon:
                 changed.append(key)
         if tunnel.privileged:
             return effective(self.policy, tunnel.owner, request, privileged=True), changed
-        given = self.policy.settings_for(tunnel.owner)
-        looser = [k for k, v in request.items() if not stricter_or_equal(k, v, getattr(given, k))]
+        policy_settings = self.policy.settings_for(tunnel.owner)
+        looser = [
+            k
+            for k, v in request.items()
+            if not stricter_or_equal(k, v, getattr(policy_settings, k))
+        ]
         for key in looser:
-            request[key] = strictest(key, [request[key], getattr(given, key)])
+            request[key] = strictest(key, [request[key], getattr(policy_settings, key)])
         settings = effective(self.policy, tunnel.owner, request, privileged=False)
         # A value the policy gave back shows the policy as its source.
         sources = dict(settings.sources)
         for key in looser:
-            if getattr(settings, key) == getattr(given, key):
-                sources[key] = given.sources.get(key, "default")
+            if getattr(settings, key) == getattr(policy_settings, key):
+                sources[key] = policy_settings.sources.get(key, "default")
         return replace(settings, sources=sources), list(dict.fromkeys(changed + looser))
 
     @staticmethod
@@ -889,6 +893,8 @@ class Daemon:
     def _apply_settings(tunnel: Tunnel, settings: Settings) -> None:
         tunnel.settings = settings
         tunnel.kill_switch = settings.kill_switch
+        # NOTE: scope "system" also sends the daemon's own DNS lookups into the
+        # tunnel, so a disconnected one with a host-name Endpoint cannot resolve it.
         tunnel.everyone = settings.scope == "system"
         admitted = admitted_uids(settings, tunnel.owner) | tunnel.extra_uids
         tunnel.allowed_uids = set(admitted - tunnel.removed_uids) | {tunnel.owner}

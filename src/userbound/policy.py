@@ -200,19 +200,19 @@ def check_layer(table: Any, where: str, keys: frozenset[str] = frozenset(KEYS)) 
 # Strictness: a user may only ask for a value at least as strict as the policy's.
 
 
-def stricter_or_equal(key: str, asked: Any, given: Any) -> bool:
+def stricter_or_equal(key: str, requested: Any, permitted: Any) -> bool:
     if key.startswith("on_"):
-        return bool(asked.rank >= given.rank)
+        return bool(requested.rank >= permitted.rank)
     if key in ("kill_switch",):
-        return bool(asked or not given)
+        return bool(requested or not permitted)
     if key in ("reconnect_on_return", "allow_remote_owner"):
-        return bool(given or not asked)
+        return bool(permitted or not requested)
     if key == "grace_period":
-        return bool(asked <= given)
+        return bool(requested <= permitted)
     if key == "scope":
-        return bool(asked == "owner" or given == "system")
+        return bool(requested == "owner" or permitted == "system")
     if key in ("allow_users", "allow_groups"):
-        return bool(asked <= given)
+        return bool(requested <= permitted)
     raise AssertionError(key)
 
 
@@ -250,10 +250,10 @@ class Policy:
         name = user_name(owner)
         groups = sorted(g for g in _groups_of(owner, name) if g in self.groups)
         for key in KEYS:
-            given = [(g, self.groups[g][key]) for g in groups if key in self.groups[g]]
-            if given:
-                values[key] = strictest(key, [v for _, v in given])
-                sources[key] = ",".join(f"groups.{g}" for g, _ in given)
+            set_by_groups = [(g, self.groups[g][key]) for g in groups if key in self.groups[g]]
+            if set_by_groups:
+                values[key] = strictest(key, [v for _, v in set_by_groups])
+                sources[key] = ",".join(f"groups.{g}" for g, _ in set_by_groups)
         found = [k for k in (name, str(owner)) if k is not None and k in self.users]
         for key, value in (self.users[found[0]] if found else {}).items():
             values[key], sources[key] = value, f"users.{found[0]}"
@@ -341,17 +341,17 @@ def effective(
     An unprivileged request may only tighten them.  A looser value raises
     NotPermitted, naming the key, the requested value and the policy's value.
     """
-    given = policy.settings_for(owner)
-    values = {key: getattr(given, key) for key in KEYS}
-    sources = dict(given.sources)
-    for key, asked in request.items():
-        if not privileged and not stricter_or_equal(key, asked, values[key]):
-            raise_looser(key, asked, values[key])
-        values[key], sources[key] = asked, "request"
+    policy_settings = policy.settings_for(owner)
+    values = {key: getattr(policy_settings, key) for key in KEYS}
+    sources = dict(policy_settings.sources)
+    for key, requested in request.items():
+        if not privileged and not stricter_or_equal(key, requested, values[key]):
+            raise_looser(key, requested, values[key])
+        values[key], sources[key] = requested, "request"
     return Settings(**values, sources=sources)
 
 
-def raise_looser(key: str, asked: Any, given: Any) -> None:
+def raise_looser(key: str, requested: Any, permitted: Any) -> None:
     def show(value: Any) -> str:
         if isinstance(value, frozenset):
             return "[" + ", ".join(str(v) for v in sorted(value)) + "]"
@@ -360,8 +360,8 @@ def raise_looser(key: str, asked: Any, given: Any) -> None:
         return str(value)
 
     raise NotPermitted(
-        f"{key} = {show(asked)} is looser than the policy's {show(given)}; a user may only "
-        "ask for stricter settings (root may ask for any)"
+        f"{key} = {show(requested)} is looser than the policy's {show(permitted)}; a user may "
+        "only request stricter settings (root may request any)"
     )
 
 
@@ -483,16 +483,16 @@ def decide(
             seat = seated[0].seat
             front = snapshot.in_front(seat)
             if front is None:
-                shown = "no session"
+                front_label = "no session"
             elif front.session_class != "user":
-                shown = f"the {front.session_class} (session {front.id})"
+                front_label = f"the {front.session_class} (session {front.id})"
             else:
-                shown = f"{_who(front)}'s session {front.id}"
+                front_label = f"{_who(front)}'s session {front.id}"
             causes.append(
                 Cause(
                     Rule.SWITCH_AWAY,
                     settings.on_switch_away,
-                    f"{seat} shows {shown}, not uid {owner}'s session {seated[0].id}",
+                    f"{seat} shows {front_label}, not uid {owner}'s session {seated[0].id}",
                     front.id if front else "",
                 )
             )

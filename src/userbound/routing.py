@@ -123,6 +123,10 @@ def _family(version: int) -> socket.AddressFamily:
 class Routing:
     """Rules and routes of the current network namespace, over one netlink socket."""
 
+    # NOTE: a daemon that brings a tunnel up and down in a loop grows by about
+    # 17 KB a cycle, most of it outside Python objects.  This class alone grew
+    # about 6 KB a cycle in a test, and the cause is not found.
+
     def __init__(self) -> None:
         self._ipr = AsyncIPRoute()
         # What the last apply() left in the kernel, for calls that skip the dump.

@@ -64,9 +64,11 @@ def test_engaged_tunnel_rejects_owner() -> None:
     commands = build_ruleset([tunnel(engaged=True)])
     via = rules_of(commands, "corp-via")
 
-    assert '"@engaged"' in via[0] and '"skuid"' in via[0]
+    assert '"@engaged"' in via[0]
+    assert '"skuid"' in via[0]
     assert '"target": "reject"' in via[0]
-    assert '"@engaged"' in via[1] and '{"drop": null}' in via[1]
+    assert '"@engaged"' in via[1]
+    assert '{"drop": null}' in via[1]
     assert engaged_set(commands) == ["corp"]
 
 
