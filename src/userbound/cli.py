@@ -19,6 +19,7 @@ from userbound import __version__
 from userbound.accounts import is_uid_text
 from userbound.errors import (
     EXIT_FAILED,
+    EXIT_LAB_BROKEN,
     EXIT_NOT_FOUND,
     EXIT_NOT_PERMITTED,
     EXIT_OK,
@@ -42,6 +43,7 @@ exit codes:
   {EXIT_NOT_PERMITTED}  not permitted
   {EXIT_UNREACHABLE}  daemon unreachable
   {EXIT_NOT_FOUND}  not found (tunnel or user)
+  {EXIT_LAB_BROKEN}  userbound lab could not build or play its testbed
 
 environment:
   USERBOUND_SOCKET  control socket path, when --control-socket is not given
@@ -222,9 +224,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     lab = commands.add_parser(
-        "lab", help="show who reaches what through a tunnel, in namespaces of its own (root)"
+        "lab",
+        help="play a shared machine's story in namespaces of its own and show whose packets "
+        "reach alice's private network (root)",
+        description="Build a shared machine, a public side, a WireGuard server and a private "
+        "web server in network namespaces, run the daemon with a simulated logind, and play: "
+        "alice (uid 2001) logs in and connects, bob (uid 2002) takes the screen, alice locks "
+        "it, bob logs in over ssh, alice logs out.  bob's job probes the private server all "
+        "along.  Each step shows who is in front of seat0, the tunnel's state and whose "
+        "packets arrived, with a check against the policy.  Everything is removed at the end.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""\
+exit codes:
+  {EXIT_OK}  every expectation held
+  {EXIT_FAILED}  an expectation failed (the report says which and why)
+  {EXIT_USAGE}  invalid option or policy file
+  {EXIT_NOT_PERMITTED}  not run as root
+  {EXIT_LAB_BROKEN}  the lab could not be built or played (a tool missing or failing)
+  130  interrupted (the lab is removed)
+""",
     )
-    lab.add_argument("--json", action="store_true", help="print a JSON report")
+    lab.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="play under this policy file (default: the built-in defaults); use [users.2001] "
+        "for alice, who has no account",
+    )
+    lab.add_argument(
+        "--without-userbound",
+        action="store_true",
+        help="play the same story with a plain system-wide wireguard-go tunnel, as VPN clients "
+        "set up today; the checks show what goes wrong",
+    )
+    lab.add_argument(
+        "--json", action="store_true", help="print a JSON report (the timeline goes to stderr)"
+    )
+    lab.add_argument(
+        "--plot", type=Path, metavar="FILE.svg", help="draw the timeline into an SVG file"
+    )
     lab.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
     return parser
 
@@ -322,9 +360,17 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "daemon":
             return run_daemon(arguments)
         if arguments.command == "lab":
-            from userbound.lab import run_lab
+            from userbound.lab import Options, run_lab
 
-            return run_lab(json_output=arguments.json, keep=arguments.keep)
+            return run_lab(
+                Options(
+                    policy=arguments.policy,
+                    json_output=arguments.json,
+                    plot=arguments.plot,
+                    without_userbound=arguments.without_userbound,
+                    keep=arguments.keep,
+                )
+            )
         path = socket_path(getattr(arguments, "control_socket", None))
         if arguments.command == "up":
             return command_up(path, arguments)

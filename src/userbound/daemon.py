@@ -163,10 +163,9 @@ class Daemon:
         lock lives in a root-owned folder, named after the namespace's inode,
         so that no other user can take it first.
         """
-        namespace = os.stat("/proc/self/ns/net").st_ino
         locks = [
             (
-                NAMESPACE_LOCK_DIR / f"netns-{namespace}.lock",
+                namespace_lock(os.stat("/proc/self/ns/net").st_ino),
                 "another userbound daemon runs in this network namespace; "
                 "stop it first (only one daemon may manage a namespace)",
             ),
@@ -1102,6 +1101,11 @@ class Daemon:
         recent = self._recent_events(caller)
         follower = AuditFollower(self.audit, visible, MAX_QUEUED_EVENTS)
         return Stream({"events": recent}, follower.events(), follower.close)
+
+
+def namespace_lock(inode: int) -> Path:
+    """Return the lock file of the daemon of the network namespace with this inode."""
+    return NAMESPACE_LOCK_DIR / f"netns-{inode}.lock"
 
 
 def _stored_hold(record: dict[str, Any]) -> Hold:

@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_NOT_PERMITTED = 3
 EXIT_UNREACHABLE = 4
 EXIT_NOT_FOUND = 5
+EXIT_LAB_BROKEN = 6  # userbound lab could not build or play its testbed
 
 
 class UserboundError(Exception):

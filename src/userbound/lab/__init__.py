@@ -1,157 +1,576 @@
-"""`userbound lab`: a shared machine in network namespaces, and who reaches what.
+"""`userbound lab`: the problem userbound solves, played on a shared machine in namespaces.
 
-The lab builds a testbed (see testbed.py), starts the real daemon on its
-shared machine, brings up a tunnel owned by alice (uid 2001) and probes the
-private network as alice and as bob (uid 2002), who has no tunnel.  Both
-uids have no account: nothing on the machine changes.
+The lab builds a testbed (testbed.py), a private system bus with a
+simulated logind (logind.py) and the real daemon, then plays the story of
+story.py: alice (uid 2001) connects her tunnel, bob (uid 2002) takes the
+screen, alice locks it, bob logs in over ssh, alice logs out.  Both uids have
+no account: nothing on the machine changes.  Counters at the private server
+and on the public side show whose packets got through after each step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from userbound.lab.testbed import PRIVATE_V4, PRIVATE_V6, Testbed, remove_leftovers
+from userbound.errors import (
+    EXIT_FAILED,
+    EXIT_LAB_BROKEN,
+    EXIT_NOT_PERMITTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserboundError,
+)
+from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
+from userbound.lab.report import Timeline, write_plot
+from userbound.lab.story import (
+    ALICE,
+    ALICE_SESSION,
+    BOB,
+    BOB_SESSION,
+    BOB_SSH,
+    PRIVATE_PAGE,
+    USERS,
+    Check,
+    Expectation,
+    Fetch,
+    Step,
+    fetch_check,
+    packet_checks,
+    story,
+)
+from userbound.lab.testbed import Testbed, remove_leftovers
+from userbound.policy import Policy, Rule, Settings, effective, load_policy
+from userbound.protocol import call, stream
 
-ALICE = 2001
-BOB = 2002
 PREFIX = "userbound-lab"
+# The DSCP value the shared machine writes into each user's packets, so
+# that the private server and the public side can tell them apart.
+TAGS = {ALICE: 10, BOB: 18}
+WINDOW = 1.0  # seconds of packets counted after each step settles
+PROBE_INTERVAL = 0.01
+SAMPLE_INTERVAL = 0.1
+SETTLE_TIMEOUT = 10.0
+TOOLS = ("ip", "nft", "wg", "wireguard-go", "setpriv", "curl", "dbus-daemon")
 
 
 @dataclass
-class Check:
-    """One probe of the story, with what the owner-only rules should produce."""
+class Options:
+    policy: Path | None = None
+    json_output: bool = False
+    plot: Path | None = None
+    without_userbound: bool = False
+    keep: bool = False
 
-    step: str
-    user: str
-    probe: str
-    expected: str
-    result: str = ""
 
-    @property
-    def held(self) -> bool:
-        return (self.result == "ok") == (self.expected == "ok")
+class LabError(Exception):
+    """An error that stops the lab from being built or played; its message names the cause."""
 
 
 def _progress(message: str) -> None:
     print(f"lab: {message}", file=sys.stderr, flush=True)
 
 
-def run_lab(*, json_output: bool, keep: bool) -> int:
-    """Build the lab, play the story, print what happened, and remove everything."""
+def run_lab(options: Options) -> int:
+    """Build the lab, play the story, report, and remove everything; return the exit code."""
     if os.geteuid() != 0:
         print("userbound lab: run as root (it creates network namespaces)", file=sys.stderr)
-        return 3
-    removed = remove_leftovers(PREFIX)
-    if removed:
-        _progress(f"removed {len(removed)} namespaces left by an earlier run")
-    bed = Testbed(PREFIX)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return EXIT_NOT_PERMITTED
     try:
-        _progress("building namespaces: shared machine, public side, VPN server, private server")
-        bed.build()
-        _progress("starting the userbound daemon on the shared machine")
-        # A long restart delay keeps the crashed tunnel down while the lab probes it.
-        bed.start_daemon("--restart-delay", "30")
-        checks = _play(bed)
-        passed = _report(checks, json_output=json_output)
-        if keep:
-            _progress(f"lab kept: namespaces {', '.join(bed.namespaces)}; Ctrl-C removes it")
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        _progress("interrupted; removing the lab")
-        return 1
-    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        settings, source = _settings(options.policy)
+        _check_plot_path(options.plot)
+        _check_tools()
+    except UserboundError as error:
+        print(f"userbound lab: {error.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except LabError as error:
         print(f"userbound lab: {error}", file=sys.stderr)
-        return 1
+        return EXIT_LAB_BROKEN
+    # SIGTERM and SIGHUP end the lab as Ctrl-C does, through the cleanup below.
+    previous = {
+        number: signal.signal(number, signal.default_int_handler)
+        for number in (signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        removed = remove_leftovers(PREFIX)
+        if removed:
+            _progress(f"removed {len(removed)} namespaces of an earlier run, and its processes")
+        with _Lab(options, settings, source) as lab:
+            report = lab.play()
+            if options.keep:
+                lab.wait_for_interrupt()
+    except KeyboardInterrupt:
+        _progress("interrupted; the lab is removed")
+        return 130
+    except (LabError, RuntimeError, OSError, subprocess.SubprocessError) as error:
+        print(f"userbound lab: {error}", file=sys.stderr)
+        return EXIT_LAB_BROKEN
     finally:
-        bed.destroy()
-        signal.signal(signal.SIGTERM, previous)
-    return 0 if passed else 1
-
-
-def _report(checks: list[Check], *, json_output: bool) -> bool:
-    """Print the checks and return whether every expectation held."""
-    leaked = checks[-1]
-    probes = checks[:-1]
-    passed = all(c.held for c in probes) and leaked.result == "0"
-    if json_output:
-        report = {
-            "checks": [asdict(c) | {"held": c.held} for c in probes],
-            "leaked_packets": int(leaked.result),
-            "passed": passed,
-        }
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if options.json_output:
         print(json.dumps(report, indent=2), flush=True)
-    else:
-        _print_table(probes, int(leaked.result))
-    return passed
+    if options.plot is not None:
+        write_plot(options.plot, report)
+        _progress(f"timeline drawn in {options.plot}")
+    return EXIT_OK if report["passed"] else EXIT_FAILED
 
 
-def _play(bed: Testbed) -> list[Check]:
-    client = bed.add_client()
-    path = bed.write_config(bed.client_config(client), ALICE, "corp.conf")
-    name = bed.tunnel_name()
-    _progress(f"alice runs: userbound up {path.name} --name {name}")
-    result = bed.cli(ALICE, "up", str(path), "--name", name)
-    if result.returncode != 0:
-        raise RuntimeError(f"userbound up failed: {result.stderr.strip()}")
-
-    checks = [
-        Check("tunnel up", "alice", "TCP to the private server", "ok"),
-        Check("tunnel up", "alice", "UDP to the private server", "ok"),
-        Check("tunnel up", "alice", "ping the private server over IPv6", "ok"),
-        Check("tunnel up", "alice", "DNS query to the system resolver", "ok"),
-        Check("tunnel up", "bob", "TCP to the private server", "blocked"),
-        Check("tunnel up", "bob", f"TCP bound to {name} (curl --interface)", "blocked"),
-        Check("tunnel up", "bob", f"ping bound to {name}", "blocked"),
-    ]
-    probes = [
-        (ALICE, "tcp", PRIVATE_V4, None),
-        (ALICE, "udp", PRIVATE_V4, None),
-        (ALICE, "icmp", PRIVATE_V6, None),
-        (ALICE, "dns", "10.200.1.1", None),
-        (BOB, "tcp", PRIVATE_V4, None),
-        (BOB, "tcp", PRIVATE_V4, name),
-        (BOB, "icmp", PRIVATE_V4, name),
-    ]
-
-    # The public side counts every packet for the private network; bob's
-    # packets go there by design, so only the counts around alice's probes add up.
-    alice_leaks = 0
-    for check, (uid, kind, host, interface) in zip(checks, probes, strict=True):
-        before = bed.leaked()
-        check.result = bed.probe(uid, kind, host, interface=interface, timeout=1)
-        if uid == ALICE:
-            alice_leaks += bed.leaked() - before
-
-    _progress("the data plane dies: the kill switch must hold")
-    subprocess.run(["pkill", "-KILL", "-f", f"wireguard-go -f {name}$"], check=False)
-    time.sleep(0.2)
-    crashed = [
-        Check("data plane killed", "alice", "TCP to the private server", "blocked"),
-        Check("data plane killed", "alice", "UDP to the private server", "blocked"),
-    ]
-    before = bed.leaked()
-    crashed[0].result = bed.probe(ALICE, "tcp", timeout=1)
-    crashed[1].result = bed.probe(ALICE, "udp", timeout=1)
-    alice_leaks += bed.leaked() - before
-    leaked = Check("whole story", "alice", "packets leaked outside the tunnel", "0")
-    leaked.result = str(alice_leaks)
-    return [*checks, *crashed, leaked]
+def _settings(path: Path | None) -> tuple[Settings, str]:
+    """Return alice's settings under the policy, and where they come from."""
+    if path is None:
+        return effective(Policy(), ALICE, {}, privileged=False), "built-in defaults"
+    policy = load_policy(path, required=True)
+    for warning in policy.warnings:
+        _progress(f"policy: {warning}")
+    return effective(policy, ALICE, {}, privileged=False), str(path)
 
 
-def _print_table(checks: list[Check], leaked: int) -> None:
-    print(f"{'step':<18} {'user':<6} {'probe':<42} {'expected':<8} result")
-    for check in checks:
-        mark = "✓" if check.held else "✗"
-        result = "reached" if check.result == "ok" else check.result.removeprefix("error: ")
-        expected = "reach" if check.expected == "ok" else "blocked"
-        print(f"{check.step:<18} {check.user:<6} {check.probe:<42} {expected:<8} {mark} {result}")
-    mark = "✓" if leaked == 0 else "✗"
-    print(f"{mark} alice's packets that left outside the tunnel: {leaked}")
+def _check_plot_path(path: Path | None) -> None:
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserboundError(f"--plot {path}: the folder {folder} does not exist")
+    if path.is_dir():
+        raise UserboundError(f"--plot {path} is a folder; give a file name such as lab.svg")
+
+
+def _check_tools() -> None:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if importlib.util.find_spec("dbusmock") is None:
+        missing.append("python-dbusmock")
+    if missing:
+        raise LabError(f"missing {', '.join(missing)}; scripts/install installs what the lab needs")
+
+
+@dataclass
+class _Result:
+    """The outcome of one step: times, states, packet counts and checks."""
+
+    step: Step
+    started: float
+    settled: float
+    ended: float
+    expected_state: str
+    state: str
+    because: str
+    decision: dict[str, Any] | None
+    arrived: dict[str, dict[int, int]]
+    fetches: list[Check] = field(default_factory=list)
+    # The tunnel's state and the packet counts.
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def all_checks(self) -> list[Check]:
+        return self.checks + self.fetches
+
+
+class _Lab:
+    """One run: the testbed, the bus, logind, the daemon, and the story's results."""
+
+    def __init__(self, options: Options, settings: Settings, source: str) -> None:
+        self.options = options
+        self.settings = settings
+        self.source = source
+        self.expectation = Expectation(settings)
+        self.bed = Testbed(PREFIX)
+        self.bus: PrivateBus | None = None
+        self.logind: SimulatedLogind | None = None
+        self.tunnel = self.bed.tunnel_name()
+        self.start = time.monotonic()
+        self.samples: list[tuple[float, dict[str, dict[int, int]]]] = []
+        self.events: list[dict[str, Any]] = []
+        self._events_changed = threading.Condition()
+        self._stop = threading.Event()
+        self.timeline = Timeline(
+            sys.stderr if options.json_output else sys.stdout,
+            without_userbound=options.without_userbound,
+        )
+
+    @property
+    def userbound(self) -> bool:
+        return not self.options.without_userbound
+
+    # Building and removing
+
+    def __enter__(self) -> _Lab:
+        try:
+            self._build()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _build(self) -> None:
+        _progress("building namespaces: shared machine, public side, VPN server, private server")
+        self.bed.build()
+        self.bed.count_arrivals(TAGS)
+        self.bed.refuse_private_network()
+        _progress("starting a private system bus and a simulated logind on the shared machine")
+        self.bus = PrivateBus(self.bed.directory / "bus", self.bed.prefix_command(self.bed.host))
+        self.bus.start()
+        self.logind = SimulatedLogind(self.bus).start()
+        if self.userbound:
+            _progress("starting the userbound daemon on the shared machine")
+            extra = ["--sessions", "logind"]
+            if self.options.policy is not None:
+                extra += ["--policy", str(self.options.policy.resolve())]
+            self.bed.start_daemon(*extra, env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address})
+            threading.Thread(target=self._follow_events, daemon=True).start()
+        else:
+            _progress("without userbound: alice's VPN will be a system-wide wireguard-go tunnel")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _remove(self) -> None:
+        self._stop.set()
+        # A second Ctrl-C, or a signal sent to the whole process group, must not cut it short.
+        ignored = {
+            number: signal.signal(number, signal.SIG_IGN)
+            for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        }
+        try:
+            _progress("removing the lab")
+            if self.logind is not None:
+                self.logind.stop()
+            if self.bus is not None:
+                self.bus.stop()
+            self.bed.destroy()
+        finally:
+            for number, handler in ignored.items():
+                signal.signal(number, handler)
+
+    def wait_for_interrupt(self) -> None:
+        self._stop.set()
+        _progress(f"lab kept: namespaces {', '.join(self.bed.namespaces)}; Ctrl-C removes it")
+        while True:
+            time.sleep(3600)
+
+    # Watching
+
+    def _follow_events(self) -> None:
+        with contextlib.suppress(UserboundError, OSError, ValueError):
+            replies = stream(str(self.bed.control_socket), "watch-events", {})
+            next(replies)
+            for event in replies:
+                with self._events_changed:
+                    self.events.append(event)
+                    self._events_changed.notify_all()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
+                self.samples.append((self.now(), self.bed.arrivals()))
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    # The story
+
+    def play(self) -> dict[str, Any]:
+        """Play the story, printing each step as it ends; return the report."""
+        self.timeline.header(self.settings, self.source, round(PROBE_INTERVAL * 1000), WINDOW)
+        bob_job = self.bed.start_probe_loop(BOB, "bob-job", interval=PROBE_INTERVAL)
+        self._wait_for_first_probe(bob_job, "bob's job")
+
+        results = []
+        steps = story(
+            self.tunnel, bob_admitted=self.expectation.bob_admitted, userbound=self.userbound
+        )
+        rules = frozenset[Rule]()
+        for step in steps:
+            # The daemon decides only when the rules that hold change, and not for a removed tunnel.
+            decides = step.key != "up" and step.rules != rules and not self.expectation.removed
+            rules = step.rules
+            result = self._play_step(step, decides=decides)
+            results.append(result)
+            self.timeline.step(
+                result.step.title,
+                result.step.seat,
+                result.started,
+                result.state,
+                result.arrived,
+                result.checks,
+                result.fetches,
+            )
+
+        total = self.bed.arrivals()
+        whole_run = []
+        if not self.expectation.bob_admitted:
+            count = total["private"].get(BOB, 0)
+            whole_run.append(
+                Check(
+                    "bob's packets at the private server over the whole story",
+                    "0",
+                    str(count),
+                    count == 0,
+                    "alice's tunnel carried another user's packets",
+                )
+            )
+        report = self._report(results, whole_run, total)
+        self.timeline.summary(report)
+        return report
+
+    def _wait_for_first_probe(self, output: Path, who: str) -> None:
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while not self.bed.loop_results(output):
+            if time.monotonic() > deadline:
+                raise LabError(f"{who} never probed the private server")
+            time.sleep(0.01)
+
+    def _play_step(self, step: Step, *, decides: bool) -> _Result:
+        """Act a step, wait until the tunnel settles, then count packets for WINDOW seconds."""
+        seen = len(self.events)
+        started = self.now()
+        self._act(step)
+        expected = self.expectation.advance(step) if step.tunnel_exists else "-"
+        decision = None
+        if self.userbound and step.tunnel_exists:
+            if decides:
+                decision = self._wait_for_decision(seen)
+            state = self._wait_for_state(expected)
+        else:
+            # Nothing reacts to sessions: give the kernel a moment, as the daemon would take.
+            time.sleep(0.05)
+            state = "-" if not step.tunnel_exists else "system-wide"
+        settled = self.now()
+
+        before = self.bed.arrivals()
+        outcomes = list(zip(step.fetches, self._fetch_all(step.fetches), strict=True))
+        remaining = WINDOW - (self.now() - settled)
+        if remaining > 0:
+            time.sleep(remaining)
+        after = self.bed.arrivals()
+        arrived = {
+            place: {uid: after[place].get(uid, 0) - before[place].get(uid, 0) for uid in USERS}
+            for place in after
+        }
+        result = _Result(
+            step,
+            started,
+            settled,
+            self.now(),
+            expected,
+            state,
+            self.expectation.because,
+            decision,
+            arrived,
+        )
+        result.checks = self._judge(result)
+        result.fetches = [
+            fetch_check(self.expectation, fetch, expected, outcome) for fetch, outcome in outcomes
+        ]
+        return result
+
+    def _judge(self, result: _Result) -> list[Check]:
+        checks = []
+        if not result.step.tunnel_exists:
+            count = result.arrived["private"][BOB]
+            why = "bob's packets reached the private network before any tunnel existed"
+            checks.append(
+                Check(
+                    "bob's packets at the private server",
+                    "0",
+                    str(count),
+                    count == 0,
+                    why,
+                    ("private", BOB),
+                )
+            )
+            return checks
+        if self.userbound:
+            held = result.state == result.expected_state
+            why = "" if held else f"the policy expects {result.expected_state}: {result.because}"
+            checks.append(Check("tunnel state", result.expected_state, result.state, held, why))
+        checks += packet_checks(self.expectation, result.expected_state, result.arrived)
+        return checks
+
+    def _act(self, step: Step) -> None:
+        if step.key == "login":
+            self._puppet(lambda lg: lg.login(ALICE_SESSION, ALICE, "alice", vt=5, activate=True))
+        elif step.key == "up":
+            self._bring_up()
+        elif step.key == "switch-to-bob":
+            self._puppet(_switch_to_bob)
+        elif step.key == "switch-to-alice":
+            self._puppet(lambda lg: lg.switch("seat0", ALICE_SESSION, previous=BOB_SESSION))
+        elif step.key in ("lock", "unlock"):
+            self._puppet(lambda lg: lg.lock(ALICE_SESSION, locked=step.key == "lock"))
+        elif step.key == "ssh":
+            self._puppet(
+                lambda lg: lg.login(
+                    BOB_SSH,
+                    BOB,
+                    "bob",
+                    seat="",
+                    remote=True,
+                    remote_host="10.200.1.1",
+                    service="sshd",
+                    session_type="tty",
+                )
+            )
+        elif step.key == "logout":
+            self._puppet(lambda lg: lg.logout(ALICE_SESSION))
+        else:
+            raise LabError(f"the story has no step {step.key!r}")
+
+    def _puppet(self, play: Callable[[LogindPuppet], Awaitable[Any]]) -> None:
+        assert self.bus is not None
+        address = self.bus.address
+
+        async def run_play() -> None:
+            async with LogindPuppet.connect(address) as puppet:
+                await play(puppet)
+
+        asyncio.run(run_play())
+
+    def _bring_up(self) -> None:
+        client = self.bed.add_client()
+        if self.userbound:
+            path = self.bed.write_config(self.bed.client_config(client), ALICE, "corp.conf")
+            result = self.bed.cli(ALICE, "up", str(path), "--name", self.tunnel)
+            if result.returncode != 0:
+                raise LabError(f"alice's `userbound up` failed: {result.stderr.strip()}")
+        else:
+            self.bed.start_plain_tunnel(client, self.tunnel)
+        # alice's mail client syncs all along from now on.
+        alice_job = self.bed.start_probe_loop(ALICE, "alice-job", interval=PROBE_INTERVAL)
+        self._wait_for_first_probe(alice_job, "alice's job")
+
+    def _wait_for_decision(self, seen: int) -> dict[str, Any] | None:
+        """Wait for the daemon's decision on a session change; None if none came."""
+        timeout = SETTLE_TIMEOUT + self.settings.grace_period
+        deadline = time.monotonic() + timeout
+        with self._events_changed:
+            while True:
+                decisions = [e for e in self.events[seen:] if e.get("event") == "decision"]
+                if decisions and not decisions[-1].get("pending"):
+                    return decisions[-1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return decisions[-1] if decisions else None
+                self._events_changed.wait(left)
+
+    def _wait_for_state(self, expected: str) -> str:
+        """Wait until the tunnel is in the expected state, or the timeout; return its state."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            state = self._state()
+            if state == expected or time.monotonic() > deadline:
+                return state
+            time.sleep(0.02)
+
+    def _state(self) -> str:
+        tunnels = call(str(self.bed.control_socket), "status", {})["tunnels"]
+        for tunnel in tunnels:
+            if tunnel["name"] == self.tunnel:
+                return str(tunnel["state"])
+        return "removed"
+
+    def _fetch_all(self, fetches: tuple[Fetch, ...]) -> list[str]:
+        """Run users' curls for the private page; return `page` or `blocked: REASON` for each.
+
+        One after another: two connections opened at once through one
+        wireguard-go tunnel sometimes failed to connect here (2 of 80 pairs).
+        """
+        outcomes = []
+        for fetch in fetches:
+            argv = ["curl", "-sS", "--max-time", "2"]
+            if fetch.on_tunnel:
+                argv += ["--interface", self.tunnel]
+            result = subprocess.run(
+                [*self.bed.prefix_command(self.bed.host, fetch.uid), *argv, PRIVATE_PAGE],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if result.returncode == 0 and result.stdout.strip() == "private":
+                outcomes.append("page")
+                continue
+            lines = result.stderr.strip().splitlines() or [f"curl exited {result.returncode}"]
+            outcomes.append(f"blocked: {lines[-1].removeprefix('curl: ')}")
+        return outcomes
+
+    # The report
+
+    def _report(
+        self, results: list[_Result], whole_run: list[Check], total: dict[str, dict[int, int]]
+    ) -> dict[str, Any]:
+        checks = [c for r in results for c in r.all_checks] + whole_run
+        failed = [c for c in checks if not c.held]
+        return {
+            "mode": "userbound" if self.userbound else "without-userbound",
+            "policy": {"source": self.source, "settings": self.settings.to_json()},
+            "tunnel": self.tunnel,
+            "users": {name: uid for uid, name in USERS.items()},
+            "window_s": WINDOW,
+            "steps": [_step_json(r) for r in results],
+            "whole_run": [c.to_json() for c in whole_run],
+            "totals": {
+                place: {USERS[uid]: count for uid, count in counts.items()}
+                for place, counts in total.items()
+            },
+            "samples": [
+                {
+                    "time": round(moment, 3),
+                    **{
+                        place: {USERS[uid]: count for uid, count in counts.items()}
+                        for place, counts in arrived.items()
+                    },
+                }
+                for moment, arrived in self.samples
+            ],
+            "checks": len(checks),
+            "failed": [c.to_json() for c in failed],
+            "passed": not failed,
+            "duration_s": round(self.now(), 2),
+        }
+
+
+async def _switch_to_bob(logind: LogindPuppet) -> None:
+    await logind.login(BOB_SESSION, BOB, "bob", vt=6)
+    await logind.switch("seat0", BOB_SESSION, previous=ALICE_SESSION)
+
+
+def _step_json(result: _Result) -> dict[str, Any]:
+    decision = None
+    if result.decision is not None:
+        decision = {
+            key: result.decision.get(key)
+            for key in ("rule", "action", "applied", "state", "reason", "latency_ms")
+        }
+    return {
+        "step": result.step.key,
+        "title": result.step.title,
+        "seat0": result.step.seat,
+        "started": round(result.started, 3),
+        "settled": round(result.settled, 3),
+        "ended": round(result.ended, 3),
+        "expected_state": result.expected_state,
+        "state": result.state,
+        "because": result.because if result.step.tunnel_exists else None,
+        "decision": decision,
+        "packets": {
+            place: {USERS[uid]: count for uid, count in counts.items()}
+            for place, counts in result.arrived.items()
+        },
+        "checks": [c.to_json() for c in result.all_checks],
+        "held": all(c.held for c in result.all_checks),
+    }

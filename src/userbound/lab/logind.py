@@ -84,8 +84,10 @@ def _wait_for(condition: Any, description: str, timeout: float = 10.0) -> None:
 class PrivateBus:
     """A dbus-daemon with a system-bus configuration, listening in a folder of its own."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, prefix: Sequence[str] = ()) -> None:
+        """prefix: a command that runs dbus-daemon, such as `ip netns exec NS`."""
         self.folder = folder
+        self.prefix = list(prefix)
         self.socket = folder / "system_bus_socket"
         self.address = f"unix:path={self.socket}"
         self._process: subprocess.Popen[bytes] | None = None
@@ -97,7 +99,7 @@ class PrivateBus:
         config = self.folder / "bus.conf"
         config.write_text(BUS_CONFIG.format(socket=self.socket))
         self._process = subprocess.Popen(
-            ["dbus-daemon", "--nofork", "--nosyslog", f"--config-file={config}"],
+            [*self.prefix, "dbus-daemon", "--nofork", "--nosyslog", f"--config-file={config}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -128,6 +130,7 @@ class SimulatedLogind:
     """python-dbusmock's logind, extended, owning org.freedesktop.login1 on a bus."""
 
     def __init__(self, bus: PrivateBus) -> None:
+        """It runs under the bus's command prefix, such as `ip netns exec NS`."""
         self.bus = bus
         self._process: subprocess.Popen[bytes] | None = None
         self.log = bus.folder / "logind.log"
@@ -139,6 +142,7 @@ class SimulatedLogind:
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
                 [
+                    *self.bus.prefix,
                     sys.executable,
                     "-m",
                     "dbusmock",

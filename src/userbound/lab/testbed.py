@@ -16,6 +16,7 @@ that was killed before it could clean up.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from userbound.daemon import namespace_lock
 from userbound.wgconfig import Key, public_key
 
 PRIVATE_V4 = "10.99.0.2"
@@ -58,7 +60,11 @@ def generate_key() -> Key:
 
 
 def kill_namespace(namespace: str) -> None:
-    """Kill every process in a namespace, then delete it."""
+    """Kill every process in a namespace, delete it, and remove its daemon's lock file."""
+    try:
+        inode: int | None = os.stat(f"/run/netns/{namespace}").st_ino
+    except OSError:
+        inode = None
     pids = run("ip", "netns", "pids", namespace, check=False).split()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
@@ -68,6 +74,22 @@ def kill_namespace(namespace: str) -> None:
         pids = run("ip", "netns", "pids", namespace, check=False).split()
         time.sleep(0.02)
     run("ip", "netns", "delete", namespace, check=False)
+    if inode is not None:
+        _remove_unheld(namespace_lock(inode))
+
+
+def _remove_unheld(lock: Path) -> None:
+    """Remove a lock file that no process holds; the inode may already name a new namespace."""
+    try:
+        descriptor = os.open(lock, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    with os.fdopen(descriptor, "w") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        lock.unlink(missing_ok=True)
 
 
 @dataclass
@@ -89,7 +111,7 @@ class Testbed:
         self.id = secrets.token_hex(3)
         # The creating process's pid in the name distinguishes leftovers of a
         # dead run from the namespaces of a run that is still going on.
-        base = f"{prefix}-{os.getpid()}-{self.id}"
+        self.base = base = f"{prefix}-{os.getpid()}-{self.id}"
         self.host, self.wan, self.vpn, self.private = (
             f"{base}-host",
             f"{base}-wan",
@@ -219,12 +241,7 @@ table inet lab {
             env={"LOG_LEVEL": "error"},
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 5
-        socket_path = Path(f"/var/run/wireguard/{self.server_interface}.sock")
-        while not socket_path.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("the lab's wireguard-go server did not start")
-            time.sleep(0.01)
+        self._wait_for_socket(self.server_interface, "the lab's wireguard-go server")
         key_file = self.directory / "server.key"
         key_file.write_text(self.server_key.base64() + "\n")
         key_file.chmod(0o600)
@@ -249,6 +266,14 @@ table inet lab {
             "nodad",
         )
         run("ip", "-n", self.vpn, "link", "set", self.server_interface, "up")
+
+    def _wait_for_socket(self, interface: str, what: str) -> None:
+        deadline = time.monotonic() + 5
+        socket_path = Path(f"/var/run/wireguard/{interface}.sock")
+        while not socket_path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.01)
 
     def _wg(self, *argv: str) -> str:
         return run("ip", "netns", "exec", self.vpn, "wg", *argv)
@@ -337,6 +362,39 @@ table inet lab {
             "PersistentKeepalive = 25",
         ]
         return "\n".join(lines) + "\n"
+
+    def start_plain_tunnel(self, client: Client, name: str) -> None:
+        """Bring a tunnel up for the whole shared machine, as a VPN client running as root does.
+
+        wireguard-go, the client's key, its addresses and a route for the
+        private network in the main table: every user's packets for that
+        network enter the tunnel.
+        """
+        self.spawn(
+            self.host,
+            "wireguard-go",
+            "-f",
+            name,
+            env={"LOG_LEVEL": "error"},
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_for_socket(name, "the system-wide wireguard-go tunnel")
+        key_file = self.directory / "plain.key"
+        key_file.write_text(client.key.base64() + "\n")
+        key_file.chmod(0o600)
+        run(
+            "ip", "netns", "exec", self.host, "wg", "set", name,
+            "private-key", str(key_file),
+            "peer", public_key(self.server_key).base64(),
+            "endpoint", f"10.200.2.2:{SERVER_PORT}",
+            "allowed-ips", f"{PRIVATE_NET_V4},{PRIVATE_NET_V6}",
+            "persistent-keepalive", "25",
+        )  # fmt: skip
+        run("ip", "-n", self.host, "addr", "add", f"{client.address_v4}/24", "dev", name)
+        run("ip", "-n", self.host, "addr", "add", f"{client.address_v6}/64", "dev", name, "nodad")
+        run("ip", "-n", self.host, "link", "set", name, "up")
+        run("ip", "-n", self.host, "route", "add", PRIVATE_NET_V4, "dev", name)
+        run("ip", "-n", self.host, "-6", "route", "add", PRIVATE_NET_V6, "dev", name)
 
     def write_config(self, text: str, uid: int, name: str = "corp.conf") -> Path:
         """Write a configuration file owned by uid, as that user would keep it."""
@@ -517,6 +575,90 @@ table inet lab {{
 """
         run("ip", "netns", "exec", self.host, "nft", "-f", "-", input=ruleset)
 
+    def count_arrivals(self, tags: dict[int, int]) -> None:
+        """Count each uid's packets where they arrive: at the private server and on the public side.
+
+        The shared machine writes a DSCP value of each uid (`tags`) into the
+        IP header of its packets for the private network, after userbound's
+        rules have let them out.  WireGuard carries the inner header unchanged,
+        so the private server and the public side can tell whose packet came.
+        """
+        tag_rules = []
+        for uid, dscp in tags.items():
+            tag_rules.append(f"meta skuid {uid} ip daddr {PRIVATE_NET_V4} ip dscp set {dscp}")
+            tag_rules.append(f"meta skuid {uid} ip6 daddr {PRIVATE_NET_V6} ip6 dscp set {dscp}")
+        tagging = "\n        ".join(tag_rules)
+        ruleset = f"""
+table inet lab {{
+    chain tag {{
+        type filter hook output priority 100; policy accept;
+        {tagging}
+    }}
+}}
+"""
+        run("ip", "netns", "exec", self.host, "nft", "-f", "-", input=ruleset)
+        for namespace, hook in ((self.private, "input"), (self.wan, "prerouting")):
+            rules = []
+            for uid, dscp in tags.items():
+                for family, network in (("ip", PRIVATE_NET_V4), ("ip6", PRIVATE_NET_V6)):
+                    rules.append(
+                        f"{family} daddr {network} {family} dscp {dscp} counter name arrived_{uid}"
+                    )
+            chain = "\n        ".join(rules)
+            counters = "\n".join(f"    counter arrived_{uid} {{ }}" for uid in tags)
+            ruleset = f"""
+table inet lab {{
+    chain arrivals {{
+        type filter hook {hook} priority -300; policy accept;
+        {chain}
+    }}
+{counters}
+}}
+"""
+            run("ip", "netns", "exec", namespace, "nft", "-f", "-", input=ruleset)
+
+    def refuse_private_network(self) -> None:
+        """Make the public side reject packets for the private network at once with an ICMP
+        error, as a router without a route to it does, instead of dropping most of them.
+
+        The kernel limits its own "unreachable" answers to about one a second
+        per sender.  Instead, a route sends these packets toward an interface
+        that leads nowhere (one end of a veth pair whose other end is in the
+        same namespace), and a reject rule in the forward hook, with the rate
+        limit off, answers every one.
+        """
+        # Administratively prohibited: an error even a UDP socket receives.
+        self._sysctl(self.wan, "net.ipv4.icmp_ratelimit", "0")
+        self._sysctl(self.wan, "net.ipv6.icmp.ratelimit", "0")
+        run("ip", "-n", self.wan, "link", "add", "void", "type", "veth", "peer", "name", "void-end")
+        for end in ("void", "void-end"):
+            run("ip", "-n", self.wan, "link", "set", end, "up")
+        run("ip", "-n", self.wan, "route", "add", PRIVATE_NET_V4, "dev", "void")
+        run("ip", "-n", self.wan, "-6", "route", "add", PRIVATE_NET_V6, "dev", "void")
+        ruleset = f"""
+table inet lab {{
+    chain refuse {{
+        type filter hook forward priority 0; policy accept;
+        ip daddr {PRIVATE_NET_V4} reject with icmpx type admin-prohibited
+        ip6 daddr {PRIVATE_NET_V6} reject with icmpx type admin-prohibited
+    }}
+}}
+"""
+        run("ip", "netns", "exec", self.wan, "nft", "-f", "-", input=ruleset)
+
+    def arrivals(self) -> dict[str, dict[int, int]]:
+        """Return the packets counted by count_arrivals(): {"private"|"public": {uid: packets}}."""
+        found: dict[str, dict[int, int]] = {}
+        for place, namespace in (("private", self.private), ("public", self.wan)):
+            output = run("ip", "netns", "exec", namespace, "nft", "-j", "list", "counters")
+            found[place] = {}
+            for item in json.loads(output)["nftables"]:
+                counter = item.get("counter")
+                if counter and counter["name"].startswith("arrived_"):
+                    uid = int(counter["name"].removeprefix("arrived_"))
+                    found[place][uid] = int(counter["packets"])
+        return found
+
     def sent(self, uid: int, path: str) -> int:
         """Return how many of a uid's packets left by a path ("direct" or "tunnel")."""
         return self._counter(self.host, f"{path}_{uid}")
@@ -544,11 +686,7 @@ table inet lab {{
                 process.stdout.close()
         for namespace in self.namespaces:
             kill_namespace(namespace)
-        # wireguard-go leaves its UAPI socket behind when it is killed.
-        for leftover in Path("/var/run/wireguard").glob(f"ub*{self.id}*.sock"):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove_files(self.base, self.id)
 
     def __enter__(self) -> Testbed:
         self.build()
@@ -558,16 +696,35 @@ table inet lab {{
         self.destroy()
 
 
+def _remove_files(base: str, run_id: str) -> None:
+    """Remove the files of a run: its folder, and the UAPI sockets wireguard-go leaves behind."""
+    for leftover in Path("/var/run/wireguard").glob(f"ub*{run_id}*.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    for folder in Path(tempfile.gettempdir()).glob(f"userbound-{base}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_leftovers(prefix: str) -> list[str]:
-    """Remove the namespaces with this prefix whose creating process is gone; return their names."""
+    """Remove the runs with this prefix whose creating process is gone; return their namespaces.
+
+    Their processes (a daemon, servers, a bus) run inside their namespaces
+    and die with them; then their files go.
+    """
     removed = []
+    runs = set()
     for line in run("ip", "netns", "list").splitlines():
         name = line.split()[0] if line.strip() else ""
         if not name.startswith(f"{prefix}-"):
             continue
-        owner = name.removeprefix(f"{prefix}-").split("-")[0]
+        owner, _, rest = name.removeprefix(f"{prefix}-").partition("-")
         if owner.isdigit() and Path(f"/proc/{owner}").exists():
             continue
         kill_namespace(name)
         removed.append(name)
+        run_id = rest.partition("-")[0]
+        if run_id:
+            runs.add((f"{prefix}-{owner}-{run_id}", run_id))
+    for base, run_id in runs:
+        _remove_files(base, run_id)
     return removed
