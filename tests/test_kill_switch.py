@@ -44,6 +44,9 @@ def assert_owner_blocked(lab: Lab) -> None:
 
 
 def test_data_plane_killed(lab: Lab) -> None:
+    # Six probes, each a new process, must run before the data plane restarts.
+    lab.stop_daemon()
+    lab.restart_daemon("--restart-delay", "5")
     name = lab.up_ok(ALICE, lab.bed.client_config(lab.bed.add_client()))
     loop = lab.bed.start_probe_loop(ALICE, "alice")
 

@@ -43,9 +43,7 @@ def leftovers() -> list[str]:
 
     found = [n for n in run("ip", "netns", "list").split() if of_ended_run(n)]
     found += [
-        str(p)
-        for p in Path(tempfile.gettempdir()).glob(f"userbound-{PREFIX}-*")
-        if of_ended_run(p.name)
+        str(p) for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*") if of_ended_run(p.name)
     ]
     processes = subprocess.run(["pgrep", "-af", f"{PREFIX}-"], capture_output=True, text=True)
     found += [line for line in processes.stdout.splitlines() if of_ended_run(line)]
@@ -114,6 +112,8 @@ def test_lab_without_userbound_shows_the_problem() -> None:
     assert "bob's packets at the private server" in failed
     assert "bob, over ssh: curl http://10.99.0.2/" in failed
     # The tunnel outlives alice's session.
+    assert steps["logout"]["state"] == "up"
+    assert "tunnel state" in failed
     assert steps["logout"]["packets"]["private"]["alice"] > 0
     assert "Without userbound" in result.stderr
     assert leftovers() == []
@@ -121,18 +121,23 @@ def test_lab_without_userbound_shows_the_problem() -> None:
 
 def test_lab_under_another_policy(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
-    policy.write_text('on_switch_away = "suspend"\non_lock = "disconnect"\n')
+    policy.write_text('on_switch_away = "disconnect"\non_lock = "suspend"\nkill_switch = false\n')
 
     result = lab("--json", "--policy", str(policy))
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] is True, report["failed"]
-    assert report["policy"]["settings"]["on_switch_away"]["value"] == "suspend"
+    assert report["policy"]["settings"]["on_switch_away"]["value"] == "disconnect"
     states = [s["state"] for s in report["steps"]]
-    assert states[2:6] == ["suspended", "up", "disconnected", "up"]
+    assert states[2:6] == ["disconnected", "up", "suspended", "up"]
     steps = by_step(report)
+    # Without its interface, bob's curl --interface fails at once.
+    bound = [c for c in steps["switch-to-bob"]["checks"] if "--interface" in c["what"]]
+    assert bound[0]["held"]
+    # A tunnel the policy takes away blocks alice even without the kill switch.
     assert steps["switch-to-bob"]["packets"]["private"]["alice"] == 0
+    assert steps["switch-to-bob"]["packets"]["public"]["alice"] == 0
     assert steps["lock"]["packets"]["public"]["alice"] == 0
     assert steps["unlock"]["packets"]["private"]["alice"] > 0
 
@@ -188,12 +193,33 @@ def test_interrupted_lab_removes_itself() -> None:
     assert leftovers() == []
 
 
+def test_kept_lab_reports_the_story() -> None:
+    process = subprocess.Popen(
+        [str(USERBOUND), "lab", "--json", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "kept running" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+
+    # The exit code is the story's, not the interrupt's.
+    assert process.returncode == 0
+    assert json.loads(output)["passed"] is True
+    assert leftovers() == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--policy", "/nonexistent/policy.toml"], "policy file /nonexistent/policy.toml"),
         (["--plot", "/nonexistent/lab.svg"], "the folder /nonexistent does not exist"),
         (["--plot", "/tmp"], "is a folder"),
+        (["--plot", "/tmp/lab.png"], "give a name ending in .svg"),
     ],
 )
 def test_bad_options_change_nothing(argv: list[str], message: str) -> None:

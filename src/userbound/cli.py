@@ -19,6 +19,7 @@ from userbound import __version__
 from userbound.accounts import is_uid_text
 from userbound.errors import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_LAB_BROKEN,
     EXIT_NOT_FOUND,
     EXIT_NOT_PERMITTED,
@@ -44,6 +45,7 @@ exit codes:
   {EXIT_UNREACHABLE}  daemon unreachable
   {EXIT_NOT_FOUND}  not found (tunnel or user)
   {EXIT_LAB_BROKEN}  userbound lab could not build or play its testbed
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 
 environment:
   USERBOUND_SOCKET  control socket path, when --control-socket is not given
@@ -227,12 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
         "lab",
         help="play a shared machine's story in namespaces of its own and show whose packets "
         "reach alice's private network (root)",
-        description="Build a shared machine, a public side, a WireGuard server and a private "
-        "web server in network namespaces, run the daemon with a simulated logind, and play: "
-        "alice (uid 2001) logs in and connects, bob (uid 2002) takes the screen, alice locks "
-        "it, bob logs in over ssh, alice logs out.  bob's job probes the private server all "
-        "along.  Each step shows who is in front of seat0, the tunnel's state and whose "
-        "packets arrived, with a check against the policy.  Everything is removed at the end.",
+        description="""\
+Build a shared machine, a public side, a WireGuard server and a private web
+server in network namespaces, and run the daemon with a simulated logind.
+Then play a story: alice (uid 2001) logs in and connects, bob (uid 2002) takes
+the screen, alice locks it, bob logs in over ssh, alice logs out. bob's job
+probes the private server all along. Each step shows who is in front of seat0,
+the tunnel's state and whose packets arrived, each checked against the policy.
+Everything is removed at the end (see docs/lab.md).""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\
 exit codes:
@@ -241,7 +245,7 @@ exit codes:
   {EXIT_USAGE}  invalid option or policy file
   {EXIT_NOT_PERMITTED}  not run as root
   {EXIT_LAB_BROKEN}  the lab could not be built or played (a tool missing or failing)
-  130  interrupted (the lab is removed)
+  {EXIT_INTERRUPTED}  interrupted before the story ended (the lab is removed)
 """,
     )
     lab.add_argument(
@@ -263,7 +267,12 @@ exit codes:
     lab.add_argument(
         "--plot", type=Path, metavar="FILE.svg", help="draw the timeline into an SVG file"
     )
-    lab.add_argument("--keep", action="store_true", help="leave the lab running until Ctrl-C")
+    lab.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the story, leave the lab running until Ctrl-C; the exit code is still "
+        "the story's",
+    )
     return parser
 
 
@@ -396,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"userbound: {error.message}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_closed():
             raise

@@ -14,6 +14,7 @@ EXIT_NOT_PERMITTED = 3
 EXIT_UNREACHABLE = 4
 EXIT_NOT_FOUND = 5
 EXIT_LAB_BROKEN = 6  # userbound lab could not build or play its testbed
+EXIT_INTERRUPTED = 130  # as a shell reports a program ended by SIGINT
 
 
 class UserboundError(Exception):

@@ -171,7 +171,9 @@ def check_value(key: str, value: Any, where: str) -> Any:
         # would make math.isfinite raise OverflowError.
         if number is None or not 0 <= number <= MAX_GRACE_PERIOD or not math.isfinite(number):
             raise _fail(
-                where, f"invalid value {value!r}; give seconds from 0 to {MAX_GRACE_PERIOD:.0f}"
+                where,
+                f"invalid value {value!r}; give a number of seconds from 0 to "
+                f"{MAX_GRACE_PERIOD:.0f}, without quotes",
             )
         return float(number)
     return _boolean(value, where)
@@ -316,8 +318,10 @@ def load_policy(path: Path, *, required: bool) -> Policy:
         if required:
             raise InvalidRequest(f"policy file {path} does not exist") from None
         return Policy(path=None)
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidRequest(f"cannot read policy file {path}: {error}") from None
+    except OSError as error:
+        raise InvalidRequest(f"cannot read policy file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"policy file {path} is not UTF-8 text") from None
     try:
         policy = parse_policy(text, str(path))
     except InvalidRequest as error:

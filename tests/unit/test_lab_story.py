@@ -96,15 +96,28 @@ def test_packet_checks() -> None:
         "bob's packets at the private server",
         "alice's packets on the public side",
     ]
-    # Held by the kill switch: nothing through the tunnel, nothing around it.
+    # Held by the policy: nothing through the tunnel, nothing around it.
     assert failed(packet_checks(expectation, "disconnected", counts(0, 0))) == []
     assert failed(packet_checks(expectation, "suspended", counts(5, 0))) == [
         "alice's packets at the private server"
     ]
-    # Without a kill switch, or once the tunnel is gone, alice's packets may go around.
+    # Even without the kill switch: the policy took the tunnel away, no failure did.
     loose = Expectation(Settings(kill_switch=False))
-    assert failed(packet_checks(loose, "disconnected", counts(0, 0, 40))) == []
+    assert failed(packet_checks(loose, "disconnected", counts(0, 0, 40))) == [
+        "alice's packets on the public side"
+    ]
+    # Once the tunnel is gone, alice's packets take the ordinary route.
     assert failed(packet_checks(expectation, "removed", counts(0, 0, 40))) == []
+
+
+def test_why_only_for_failures() -> None:
+    checks = packet_checks(Expectation(Settings()), "up", counts(90, 2))
+
+    assert [c.why for c in checks] == [
+        "",
+        "alice's tunnel carried another user's packets, which only alice may use",
+        "",
+    ]
 
 
 def test_fetch_checks() -> None:
@@ -114,7 +127,9 @@ def test_fetch_checks() -> None:
     assert fetch_check(expectation, bob, "up", "blocked: (28) timed out").held
     check = fetch_check(expectation, bob, "up", "page")
     assert not check.held
-    assert check.why == "bob got the private page; the policy expects the tunnel up"
+    assert check.why == "bob got the private page through alice's tunnel, which admits only alice"
+    check = fetch_check(expectation, bob, "suspended", "page")
+    assert check.why == "bob got the private page while the policy expects the tunnel suspended"
     assert not fetch_check(expectation, Fetch(ALICE, "alice"), "up", "blocked: refused").held
     assert fetch_check(expectation, Fetch(ALICE, "alice"), "suspended", "blocked: refused").held
 

@@ -28,10 +28,12 @@ from typing import Any
 
 from userbound.errors import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_LAB_BROKEN,
     EXIT_NOT_PERMITTED,
     EXIT_OK,
     EXIT_USAGE,
+    InvalidRequest,
     UserboundError,
 )
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
@@ -64,6 +66,10 @@ WINDOW = 1.0  # seconds of packets counted after each step settles
 PROBE_INTERVAL = 0.01
 SAMPLE_INTERVAL = 0.1
 SETTLE_TIMEOUT = 10.0
+NO_ACCOUNTS = (
+    f"alice and bob have no accounts: name them by uid, as in [users.{ALICE}] "
+    f"or allow_users = [{BOB}]"
+)
 TOOLS = ("ip", "nft", "wg", "wireguard-go", "setpriv", "curl", "dbus-daemon")
 
 
@@ -95,6 +101,8 @@ def run_lab(options: Options) -> int:
         _check_tools()
     except UserboundError as error:
         print(f"userbound lab: {error.message}", file=sys.stderr)
+        if "'alice'" in error.message or "'bob'" in error.message:
+            print(f"userbound lab: {NO_ACCOUNTS}", file=sys.stderr)
         return EXIT_USAGE
     except LabError as error:
         print(f"userbound lab: {error}", file=sys.stderr)
@@ -104,29 +112,38 @@ def run_lab(options: Options) -> int:
         number: signal.signal(number, signal.default_int_handler)
         for number in (signal.SIGTERM, signal.SIGHUP)
     }
+    report: dict[str, Any] | None = None
     try:
         removed = remove_leftovers(PREFIX)
         if removed:
             _progress(f"removed {len(removed)} namespaces of an earlier run, and its processes")
         with _Lab(options, settings, source) as lab:
             report = lab.play()
+            _write_report(report, options)
             if options.keep:
                 lab.wait_for_interrupt()
     except KeyboardInterrupt:
         _progress("interrupted; the lab is removed")
-        return 130
+        if report is None:
+            return EXIT_INTERRUPTED
     except (LabError, RuntimeError, OSError, subprocess.SubprocessError) as error:
         print(f"userbound lab: {error}", file=sys.stderr)
         return EXIT_LAB_BROKEN
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+    return EXIT_OK if report["passed"] else EXIT_FAILED
+
+
+def _write_report(report: dict[str, Any], options: Options) -> None:
     if options.json_output:
         print(json.dumps(report, indent=2), flush=True)
     if options.plot is not None:
-        write_plot(options.plot, report)
+        try:
+            write_plot(options.plot, report)
+        except OSError as error:
+            raise LabError(f"cannot write --plot {options.plot}: {error.strerror}") from None
         _progress(f"timeline drawn in {options.plot}")
-    return EXIT_OK if report["passed"] else EXIT_FAILED
 
 
 def _settings(path: Path | None) -> tuple[Settings, str]:
@@ -136,6 +153,8 @@ def _settings(path: Path | None) -> tuple[Settings, str]:
     policy = load_policy(path, required=True)
     for warning in policy.warnings:
         _progress(f"policy: {warning}")
+    if any(name in policy.users for name in USERS.values()):
+        _progress(NO_ACCOUNTS)
     return effective(policy, ALICE, {}, privileged=False), str(path)
 
 
@@ -144,9 +163,11 @@ def _check_plot_path(path: Path | None) -> None:
         return
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise UserboundError(f"--plot {path}: the folder {folder} does not exist")
+        raise InvalidRequest(f"--plot {path}: the folder {folder} does not exist")
     if path.is_dir():
-        raise UserboundError(f"--plot {path} is a folder; give a file name such as lab.svg")
+        raise InvalidRequest(f"--plot {path} is a folder; give a file name such as lab.svg")
+    if path.suffix != ".svg":
+        raise InvalidRequest(f"--plot {path}: the drawing is SVG; give a name ending in .svg")
 
 
 def _check_tools() -> None:
@@ -258,7 +279,14 @@ class _Lab:
 
     def wait_for_interrupt(self) -> None:
         self._stop.set()
-        _progress(f"lab kept: namespaces {', '.join(self.bed.namespaces)}; Ctrl-C removes it")
+        host, socket = self.bed.host, self.bed.control_socket
+        _progress(f"kept running, until Ctrl-C: namespaces {', '.join(self.bed.namespaces)}")
+        if self.userbound:
+            _progress(
+                f"  as alice: ip netns exec {host} setpriv --reuid={ALICE} --regid={ALICE} "
+                f"--clear-groups userbound --control-socket {socket} status"
+            )
+        _progress(f"  files, logs and state: {self.bed.directory}")
         while True:
             time.sleep(3600)
 
@@ -286,6 +314,11 @@ class _Lab:
     def play(self) -> dict[str, Any]:
         """Play the story, printing each step as it ends; return the report."""
         self.timeline.header(self.settings, self.source, round(PROBE_INTERVAL * 1000), WINDOW)
+        if self.settings.grace_period and self.userbound:
+            _progress(
+                f"grace_period = {self.settings.grace_period:g} s: each stricter step waits "
+                "that long for the daemon's decision"
+            )
         bob_job = self.bed.start_probe_loop(BOB, "bob-job", interval=PROBE_INTERVAL)
         self._wait_for_first_probe(bob_job, "bob's job")
 
@@ -346,17 +379,19 @@ class _Lab:
                 decision = self._wait_for_decision(seen)
             state = self._wait_for_state(expected)
         else:
-            # Nothing reacts to sessions: give the kernel a moment, as the daemon would take.
+            # Nothing reacts to sessions: the system-wide tunnel stays up throughout.
             time.sleep(0.05)
-            state = "-" if not step.tunnel_exists else "system-wide"
+            state = "up" if step.tunnel_exists else "-"
         settled = self.now()
 
+        # The curls run during the window, one after another, and may outlast it.
         before = self.bed.arrivals()
-        outcomes = list(zip(step.fetches, self._fetch_all(step.fetches), strict=True))
-        remaining = WINDOW - (self.now() - settled)
-        if remaining > 0:
-            time.sleep(remaining)
+        outcomes: list[str] = []
+        fetching = threading.Thread(target=lambda: outcomes.extend(self._fetch_all(step.fetches)))
+        fetching.start()
+        time.sleep(max(0.0, WINDOW - (self.now() - settled)))
         after = self.bed.arrivals()
+        fetching.join()
         arrived = {
             place: {uid: after[place].get(uid, 0) - before[place].get(uid, 0) for uid in USERS}
             for place in after
@@ -374,7 +409,8 @@ class _Lab:
         )
         result.checks = self._judge(result)
         result.fetches = [
-            fetch_check(self.expectation, fetch, expected, outcome) for fetch, outcome in outcomes
+            fetch_check(self.expectation, fetch, expected, outcome)
+            for fetch, outcome in zip(step.fetches, outcomes, strict=True)
         ]
         return result
 
@@ -394,10 +430,9 @@ class _Lab:
                 )
             )
             return checks
-        if self.userbound:
-            held = result.state == result.expected_state
-            why = "" if held else f"the policy expects {result.expected_state}: {result.because}"
-            checks.append(Check("tunnel state", result.expected_state, result.state, held, why))
+        held = result.state == result.expected_state
+        why = result.because
+        checks.append(Check("tunnel state", result.expected_state, result.state, held, why))
         checks += packet_checks(self.expectation, result.expected_state, result.arrived)
         return checks
 
@@ -493,14 +528,19 @@ class _Lab:
         for fetch in fetches:
             argv = ["curl", "-sS", "--max-time", "2"]
             if fetch.on_tunnel:
-                argv += ["--interface", self.tunnel]
-            result = subprocess.run(
-                [*self.bed.prefix_command(self.bed.host, fetch.uid), *argv, PRIVATE_PAGE],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
+                # "if!": an interface name, never looked up as a host name once the tunnel is gone.
+                argv += ["--interface", f"if!{self.tunnel}"]
+            try:
+                result = subprocess.run(
+                    [*self.bed.prefix_command(self.bed.host, fetch.uid), *argv, PRIVATE_PAGE],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                outcomes.append("blocked: curl did not end within 10 s")
+                continue
             if result.returncode == 0 and result.stdout.strip() == "private":
                 outcomes.append("page")
                 continue

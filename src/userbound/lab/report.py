@@ -7,6 +7,7 @@ drawn from the JSON report alone, so a saved report can be drawn again.
 from __future__ import annotations
 
 import itertools
+import math
 import textwrap
 from html import escape
 from pathlib import Path
@@ -16,6 +17,7 @@ from userbound.lab.story import ALICE, BOB, USERS, Check
 from userbound.policy import ACTION_RULES, Settings
 
 COLUMNS = (("private", ALICE), ("private", BOB), ("public", ALICE), ("public", BOB))
+FETCH_WIDTH = 60  # characters of a curl's result shown in the timeline; the report has all
 ROW = "{:>5}  {:<30} {:<15} {:<15} {:>8} {:>8}   {:>8} {:>8}"
 
 
@@ -30,18 +32,28 @@ class Timeline:
         print(text, file=self.out, flush=True)
 
     def header(self, settings: Settings, source: str, interval_ms: int, window: float) -> None:
-        rules = ", ".join(f"{rule.value} = {settings.action(rule).value}" for rule in ACTION_RULES)
+        values = [f"{rule.value} = {settings.action(rule).value}" for rule in ACTION_RULES]
+        values += [
+            f"reconnect_on_return = {str(settings.reconnect_on_return).lower()}",
+            f"kill_switch = {str(settings.kill_switch).lower()}",
+            f'scope = "{settings.scope}"',
+        ]
+        if settings.grace_period:
+            values.append(f"grace_period = {settings.grace_period:g}")
+        if settings.allow_users:
+            values.append(f"allow_users = {sorted(settings.allow_users)}")
+        if settings.allow_groups:
+            values.append(f"allow_groups = {sorted(settings.allow_groups)}")
         lines = [
             f"alice (uid {ALICE}) owns the VPN tunnel; bob (uid {BOB}) shares the machine, and "
             f"his job probes the private server every {interval_ms} ms.",
-            f"Policy ({source}): {rules}, "
-            f"reconnect_on_return = {str(settings.reconnect_on_return).lower()}, "
-            f"kill_switch = {str(settings.kill_switch).lower()}.",
+            f"Policy ({source}): {', '.join(values)}.",
         ]
         if self.without_userbound:
             lines.append(
                 "Without userbound: alice's VPN is a system-wide wireguard-go tunnel, as VPN "
-                "clients set one up today; the checks are still the policy's."
+                "clients set one up today. It stays up whatever happens; the checks are still "
+                "the policy's."
             )
         lines.append(
             f"Packets are counted for {window:g} s after each step settles, at the private "
@@ -81,7 +93,10 @@ class Timeline:
         shown_state = f"{_mark(state_check)} {state}" if state_check else state
         self._print(ROW.format(f"{started:.1f}", title, seat, shown_state, *cells))
         for check in fetches:
-            self._print(f"{'':>7}{_mark(check)} {check.what} → {check.observed}")
+            observed = check.observed
+            if len(observed) > FETCH_WIDTH:
+                observed = observed[: FETCH_WIDTH - 1] + "…"
+            self._print(f"{'':>7}{_mark(check)} {check.what} → {observed}")
             if not check.held:
                 self._print(f"{'':>9}{check.why}")
         for check in checks:
@@ -183,10 +198,14 @@ def draw(report: dict[str, Any]) -> str:
                 f'height="{LANE}" fill="{colour}" stroke="#ffffff"><title>{escape(value)}'
                 "</title></rect>"
             )
-            if x(finish) - x(begin) > 6.5 * len(value) + 6:
+            width = x(finish) - x(begin)
+            label = value
+            if width < _text_width(value) and value.endswith(" (locked)"):
+                label = "locked"
+            if width > _text_width(label):
                 parts.append(
                     f'<text x="{x(begin) + 4:.1f}" y="{y + LANE / 2 + 4}" font-size="11">'
-                    f"{escape(value)}</text>"
+                    f"{escape(label)}</text>"
                 )
     # Charts: packets per second of each user, at the private server and on the public side.
     rates = _rates(report["samples"])
@@ -203,7 +222,8 @@ def draw(report: dict[str, Any]) -> str:
             f'<rect x="{LEFT}" y="{y0}" width="{plot_width}" height="{CHART}" fill="none" '
             'stroke="#babdb6"/>'
         )
-        for name in USERS.values():
+        for name, style in zip(USERS.values(), ("", ' stroke-dasharray="6,3"'), strict=True):
+            # bob's line is dashed, so that it shows where both lie on zero.
             points = " ".join(
                 f"{x(r['time']):.1f},{y0 + CHART - r[place].get(name, 0.0) / peak * CHART:.1f}"
                 for r in rates
@@ -211,14 +231,20 @@ def draw(report: dict[str, Any]) -> str:
             if points:
                 parts.append(
                     f'<polyline points="{points}" fill="none" stroke="{COLOURS[name]}" '
-                    'stroke-width="1.5"/>'
+                    f'stroke-width="2"{style}/>'
                 )
-    bottom = charts_top + 2 * (CHART + 24)
+        # Seconds since the start under each chart.
+        for second in range(math.ceil(start), math.floor(end) + 1, 2):
+            parts.append(
+                f'<text x="{x(second):.1f}" y="{y0 + CHART + 12}" font-size="9" '
+                f'text-anchor="middle">{second} s</text>'
+            )
+    bottom = charts_top + 2 * (CHART + 24) + 14
     # Step markers, numbered, with their titles below the charts.
     for number, step in enumerate(steps, 1):
         mark = x(step["started"])
         parts.append(
-            f'<line x1="{mark:.1f}" y1="{top - 4}" x2="{mark:.1f}" y2="{bottom - 20}" '
+            f'<line x1="{mark:.1f}" y1="{top - 4}" x2="{mark:.1f}" y2="{bottom - 34}" '
             'stroke="#888a85" stroke-dasharray="3,3"/>'
         )
         parts.append(f'<text x="{mark + 2:.1f}" y="{top - 6}" font-size="10">{number}</text>')
@@ -251,6 +277,11 @@ def draw(report: dict[str, Any]) -> str:
         f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif">\n'
         f'<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>\n{body}\n</svg>\n'
     )
+
+
+def _text_width(text: str) -> float:
+    """Return an estimate of the width of 11-pixel text, with a margin."""
+    return 6.5 * len(text) + 6
 
 
 def _label(x: float, y: float, text: str, size: int = 12) -> str:

@@ -106,9 +106,14 @@ class Check:
     expected: str
     observed: str
     held: bool
+    # What a failure means; empty when the check held.
     why: str = ""
     # The timeline column it fills: (place, uid) for a packet count.
     cell: tuple[str, int] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.held:
+            self.why = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,7 +132,7 @@ class Expectation:
     settings: Settings
     action: Action = Action.KEEP
     removed: bool = False
-    because: str = "no rule holds"
+    because: str = "no rule applies"
     bob_admitted: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -152,7 +157,7 @@ class Expectation:
         if rules:
             self.because = " and ".join(f"{r.value} = {self.action.value}" for r in rules)
         elif self.action is Action.KEEP:
-            self.because = "no rule holds"
+            self.because = "no rule applies"
         else:
             self.because = f"reconnect_on_return = false keeps it {STATE_OF[self.action]}"
         if self.action is Action.DISCONNECT and not self.settings.reconnect_on_return:
@@ -166,10 +171,12 @@ class Expectation:
         return state == "up" and (uid == ALICE or self.bob_admitted)
 
     def alice_may_leave_directly(self, state: str) -> bool:
-        """Return whether alice's packets may take the public side: with no tunnel to stop them."""
-        if state in ("up", "suspended", "connecting"):
-            return False
-        return state == "removed" or not self.settings.kill_switch
+        """Return whether alice's packets may take the public side: once the tunnel is gone.
+
+        A suspended or disconnected tunnel blocks them even without the kill
+        switch, because the policy took the tunnel away, not a failure.
+        """
+        return state == "removed"
 
 
 def packet_checks(
@@ -196,7 +203,7 @@ def packet_checks(
         if uid == ALICE:
             why = f"alice's packets got through while her tunnel should be {state}"
         else:
-            why = "alice's tunnel carried another user's packets"
+            why = "alice's tunnel carried another user's packets, which only alice may use"
         checks.append(
             Check(
                 f"{name}'s packets at the private server",
@@ -227,10 +234,11 @@ def fetch_check(expectation: Expectation, fetch: Fetch, state: str, result: str)
     reaches = expectation.reaches(fetch.uid, state)
     expected = "page" if reaches else "blocked"
     observed = "page" if result == "page" else "blocked"
-    if observed == expected:
-        why = ""
-    elif reaches:
+    name = USERS[fetch.uid]
+    if reaches:
         why = f"the private page did not load: {result}"
+    elif state == "up":
+        why = f"{name} got the private page through alice's tunnel, which admits only alice"
     else:
-        why = f"{USERS[fetch.uid]} got the private page; the policy expects the tunnel {state}"
+        why = f"{name} got the private page while the policy expects the tunnel {state}"
     return Check(fetch.label, expected, result, observed == expected, why)

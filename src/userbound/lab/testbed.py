@@ -121,7 +121,7 @@ class Testbed:
         self.server_interface = f"ubs{self.id}"
         self.server_key = generate_key()
         self.clients: list[Client] = []
-        self.directory = Path(tempfile.mkdtemp(prefix=f"userbound-{base}-"))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{base}-"))
         self.directory.chmod(0o755)
         self.processes: list[subprocess.Popen[bytes]] = []
         self._tunnel_names = 0
@@ -701,7 +701,7 @@ def _remove_files(base: str, run_id: str) -> None:
     for leftover in Path("/var/run/wireguard").glob(f"ub*{run_id}*.sock"):
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-    for folder in Path(tempfile.gettempdir()).glob(f"userbound-{base}-*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"{base}-*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
