@@ -302,7 +302,7 @@ def test_load_policy_missing_file(tmp_path: Path) -> None:
     [
         pytest.param(b'on_lock = "pause"\n', "on_lock: invalid value 'pause'", id="wrong-value"),
         pytest.param(b"on_lock =\n", ": not valid TOML", id="invalid-toml"),
-        pytest.param(b'on_lock = "\xff"\n', "cannot read policy file", id="not-utf8"),
+        pytest.param(b'on_lock = "\xff"\n', "is not UTF-8 text", id="not-utf8"),
     ],
 )
 def test_load_policy_errors_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
