@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,29 +209,40 @@ class Testbed:
             run("ip", "-n", namespace, "link", "set", name, "up")
 
     def _count_leaks(self) -> None:
+        leaks = [
+            f"ip daddr {PRIVATE_NET_V4} counter name leaked",
+            f"ip6 daddr {PRIVATE_NET_V6} counter name leaked",
+            "ip daddr 10.200.1.1 udp dport 53 counter name leaked",
+        ]
+        self._add_lab_chain(self.wan, "prerouting", "prerouting", -300, leaks, ["leaked"])
+        tunnel = [
+            "ip saddr 10.64.0.0/24 counter name through_tunnel",
+            "ip6 saddr fd00:64::/64 counter name through_tunnel",
+        ]
+        self._add_lab_chain(self.private, "input", "input", -300, tunnel, ["through_tunnel"])
+
+    def _add_lab_chain(
+        self,
+        namespace: str,
+        chain: str,
+        hook: str,
+        priority: int,
+        rules: list[str],
+        counters: Sequence[str] = (),
+    ) -> None:
+        """Add a chain of rules, and the named counters they use, to a namespace's lab table."""
+        body = "\n        ".join(rules)
+        named = "\n".join(f"    counter {name} {{ }}" for name in counters)
         ruleset = f"""
 table inet lab {{
-    chain prerouting {{
-        type filter hook prerouting priority -300; policy accept;
-        ip daddr {PRIVATE_NET_V4} counter name leaked
-        ip6 daddr {PRIVATE_NET_V6} counter name leaked
-        ip daddr 10.200.1.1 udp dport 53 counter name leaked
+    chain {chain} {{
+        type filter hook {hook} priority {priority}; policy accept;
+        {body}
     }}
-    counter leaked {{ }}
+{named}
 }}
 """
-        run("ip", "netns", "exec", self.wan, "nft", "-f", "-", input=ruleset)
-        tunnel = """
-table inet lab {
-    chain input {
-        type filter hook input priority -300; policy accept;
-        ip saddr 10.64.0.0/24 counter name through_tunnel
-        ip6 saddr fd00:64::/64 counter name through_tunnel
-    }
-    counter through_tunnel { }
-}
-"""
-        run("ip", "netns", "exec", self.private, "nft", "-f", "-", input=tunnel)
+        run("ip", "netns", "exec", namespace, "nft", "-f", "-", input=ruleset)
 
     def _start_server(self) -> None:
         self.spawn(
@@ -560,20 +572,8 @@ table inet lab {
                 for family, network in (("ip", PRIVATE_NET_V4), ("ip6", PRIVATE_NET_V6)):
                     match_uid = f"meta skuid {uid} {family} daddr {network}"
                     rules.append(f"{match_uid} oifname {match} counter name {path}")
-        counters = "\n".join(
-            f"    counter {kind}_{uid} {{ }}" for uid in uids for kind in ("direct", "tunnel")
-        )
-        chain = "\n        ".join(rules)
-        ruleset = f"""
-table inet lab {{
-    chain output {{
-        type filter hook output priority 100; policy accept;
-        {chain}
-    }}
-{counters}
-}}
-"""
-        run("ip", "netns", "exec", self.host, "nft", "-f", "-", input=ruleset)
+        counters = [f"{kind}_{uid}" for uid in uids for kind in ("direct", "tunnel")]
+        self._add_lab_chain(self.host, "output", "output", 100, rules, counters)
 
     def count_arrivals(self, tags: dict[int, int]) -> None:
         """Count each uid's packets where they arrive: at the private server and on the public side.
@@ -587,35 +587,15 @@ table inet lab {{
         for uid, dscp in tags.items():
             tag_rules.append(f"meta skuid {uid} ip daddr {PRIVATE_NET_V4} ip dscp set {dscp}")
             tag_rules.append(f"meta skuid {uid} ip6 daddr {PRIVATE_NET_V6} ip6 dscp set {dscp}")
-        tagging = "\n        ".join(tag_rules)
-        ruleset = f"""
-table inet lab {{
-    chain tag {{
-        type filter hook output priority 100; policy accept;
-        {tagging}
-    }}
-}}
-"""
-        run("ip", "netns", "exec", self.host, "nft", "-f", "-", input=ruleset)
+        self._add_lab_chain(self.host, "tag", "output", 100, tag_rules)
+        counting = [
+            f"{family} daddr {network} {family} dscp {dscp} counter name arrived_{uid}"
+            for uid, dscp in tags.items()
+            for family, network in (("ip", PRIVATE_NET_V4), ("ip6", PRIVATE_NET_V6))
+        ]
+        counters = [f"arrived_{uid}" for uid in tags]
         for namespace, hook in ((self.private, "input"), (self.wan, "prerouting")):
-            rules = []
-            for uid, dscp in tags.items():
-                for family, network in (("ip", PRIVATE_NET_V4), ("ip6", PRIVATE_NET_V6)):
-                    rules.append(
-                        f"{family} daddr {network} {family} dscp {dscp} counter name arrived_{uid}"
-                    )
-            chain = "\n        ".join(rules)
-            counters = "\n".join(f"    counter arrived_{uid} {{ }}" for uid in tags)
-            ruleset = f"""
-table inet lab {{
-    chain arrivals {{
-        type filter hook {hook} priority -300; policy accept;
-        {chain}
-    }}
-{counters}
-}}
-"""
-            run("ip", "netns", "exec", namespace, "nft", "-f", "-", input=ruleset)
+            self._add_lab_chain(namespace, "arrivals", hook, -300, counting, counters)
 
     def refuse_private_network(self) -> None:
         """Make the public side reject packets for the private network at once with an ICMP
@@ -635,16 +615,11 @@ table inet lab {{
             run("ip", "-n", self.wan, "link", "set", end, "up")
         run("ip", "-n", self.wan, "route", "add", PRIVATE_NET_V4, "dev", "void")
         run("ip", "-n", self.wan, "-6", "route", "add", PRIVATE_NET_V6, "dev", "void")
-        ruleset = f"""
-table inet lab {{
-    chain refuse {{
-        type filter hook forward priority 0; policy accept;
-        ip daddr {PRIVATE_NET_V4} reject with icmpx type admin-prohibited
-        ip6 daddr {PRIVATE_NET_V6} reject with icmpx type admin-prohibited
-    }}
-}}
-"""
-        run("ip", "netns", "exec", self.wan, "nft", "-f", "-", input=ruleset)
+        refuse = [
+            f"ip daddr {PRIVATE_NET_V4} reject with icmpx type admin-prohibited",
+            f"ip6 daddr {PRIVATE_NET_V6} reject with icmpx type admin-prohibited",
+        ]
+        self._add_lab_chain(self.wan, "refuse", "forward", 0, refuse)
 
     def arrivals(self) -> dict[str, dict[int, int]]:
         """Return the packets counted by count_arrivals(): {"private"|"public": {uid: packets}}."""
