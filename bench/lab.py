@@ -1,4 +1,4 @@
-"""How long `userbound lab` takes, and how fast its steps settle (root).
+"""Benchmark of `userbound lab`: how long a run takes and how fast its steps settle (root).
 
     /opt/userbound/venv/bin/python bench/lab.py [--runs N] [--output FILE]
 

@@ -44,6 +44,7 @@ class Timeline:
             values.append(f"allow_users = {sorted(settings.allow_users)}")
         if settings.allow_groups:
             values.append(f"allow_groups = {sorted(settings.allow_groups)}")
+
         lines = [
             f"alice (uid {ALICE}) owns the VPN tunnel; bob (uid {BOB}) shares the machine, and "
             f"his job probes the private server every {interval_ms} ms.",

@@ -601,11 +601,11 @@ table inet lab {{
         """Make the public side reject packets for the private network at once with an ICMP
         error, as a router without a route to it does, instead of dropping most of them.
 
-        The kernel limits its own "unreachable" answers to about one a second
+        The kernel limits its own "unreachable" replies to about one a second
         per sender.  Instead, a route sends these packets toward an interface
         that leads nowhere (one end of a veth pair whose other end is in the
         same namespace), and a reject rule in the forward hook, with the rate
-        limit off, answers every one.
+        limit off, replies to every one.
         """
         # Administratively prohibited: an error even a UDP socket receives.
         self._sysctl(self.wan, "net.ipv4.icmp_ratelimit", "0")
