@@ -181,4 +181,8 @@ def probe_loop(arguments: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     os.umask(0o022)
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C on the lab reaches its whole process group: end quietly.
+        raise SystemExit(130) from None
