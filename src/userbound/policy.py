@@ -105,17 +105,26 @@ def _fail(where: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"{where}: {message}")
 
 
+def _shown(value: Any) -> str:
+    """Return a value as TOML writes it: true and false for booleans, quoted strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def _action(value: Any, where: str, choices: tuple[Action, ...]) -> Action:
     names = [a.value for a in choices]
     if isinstance(value, str) and value in names:
         return Action(value)
-    raise _fail(where, f"invalid value {value!r}; expected one of " + ", ".join(map(repr, names)))
+    raise _fail(
+        where, f"invalid value {_shown(value)}; expected one of " + ", ".join(map(repr, names))
+    )
 
 
 def _boolean(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise _fail(where, f"invalid value {value!r}; expected true or false")
+    raise _fail(where, f"invalid value {_shown(value)}; expected true or false")
 
 
 def _users(value: Any, where: str) -> frozenset[int]:
@@ -172,7 +181,7 @@ def check_value(key: str, value: Any, where: str) -> Any:
         if number is None or not 0 <= number <= MAX_GRACE_PERIOD or not math.isfinite(number):
             raise _fail(
                 where,
-                f"invalid value {value!r}; give a number of seconds from 0 to "
+                f"invalid value {_shown(value)}; give a number of seconds from 0 to "
                 f"{MAX_GRACE_PERIOD:.0f}, without quotes",
             )
         return float(number)
@@ -313,7 +322,8 @@ def _exists(lookup: Any, name: str) -> bool:
 def load_policy(path: Path, *, required: bool) -> Policy:
     """Read the policy file; a missing file gives the defaults unless it was named."""
     try:
-        text = path.read_text()
+        # utf-8-sig: a byte order mark, as some editors write, is not part of the TOML.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         if required:
             raise InvalidRequest(f"policy file {path} does not exist") from None

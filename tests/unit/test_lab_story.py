@@ -25,7 +25,7 @@ KEYED = ["login", "up", "switch-to-bob", "switch-to-alice", "lock", "unlock", "s
 
 def states(settings: Settings) -> list[str]:
     expectation = Expectation(settings)
-    steps = story("ub1", bob_admitted=expectation.bob_admitted)
+    steps = story("ub1", bob_remote_counts=expectation.bob_remote_counts)
     assert [s.key for s in steps] == KEYED
     return [expectation.advance(s) for s in steps if s.tunnel_exists]
 
@@ -59,19 +59,28 @@ def test_expected_states(settings: Settings, expected: list[str]) -> None:
     assert states(settings) == expected
 
 
-def test_admitted_bob_has_no_remote_rule() -> None:
+def test_allowed_bob_has_no_remote_rule() -> None:
     settings = Settings(on_remote_session=Action.SUSPEND, allow_users=frozenset({BOB}))
     expectation = Expectation(settings)
 
     assert expectation.bob_admitted
+    assert not expectation.bob_remote_counts
     assert states(settings)[5] == "up"
-    assert Expectation(Settings(scope="system")).bob_admitted
     assert not Expectation(Settings()).bob_admitted
+
+
+def test_system_scope_counts_every_remote_session() -> None:
+    settings = Settings(scope="system", on_remote_session=Action.SUSPEND)
+    expectation = Expectation(settings)
+
+    assert expectation.bob_admitted
+    assert expectation.bob_remote_counts
+    assert states(settings)[5] == "suspended"
 
 
 def test_because_names_the_rule() -> None:
     expectation = Expectation(Settings(on_switch_away=Action.SUSPEND, reconnect_on_return=False))
-    steps = {s.key: s for s in story("ub1", bob_admitted=False)}
+    steps = {s.key: s for s in story("ub1", bob_remote_counts=True)}
 
     expectation.advance(steps["switch-to-bob"])
     assert expectation.because == "on_switch_away = suspend"

@@ -66,6 +66,7 @@ WINDOW = 1.0  # seconds of packets counted after each step settles
 PROBE_INTERVAL = 0.01
 SAMPLE_INTERVAL = 0.1
 SETTLE_TIMEOUT = 10.0
+NO_DECISION_WAIT = 0.2  # seconds to watch for a decision that should not come
 NO_ACCOUNTS = (
     f"alice and bob have no accounts: name them by uid, as in [users.{ALICE}] "
     f"or allow_users = [{BOB}]"
@@ -150,6 +151,8 @@ def _settings(path: Path | None) -> tuple[Settings, str]:
     """Return alice's settings under the policy, and where they come from."""
     if path is None:
         return effective(Policy(), ALICE, {}, privileged=False), "built-in defaults"
+    if not str(path).strip() or str(path) == ".":
+        raise InvalidRequest("--policy needs the path of a policy file")
     policy = load_policy(path, required=True)
     for warning in policy.warnings:
         _progress(f"policy: {warning}")
@@ -159,15 +162,25 @@ def _settings(path: Path | None) -> tuple[Settings, str]:
 
 
 def _check_plot_path(path: Path | None) -> None:
+    """Reject a --plot path that cannot take the drawing, before anything is built."""
     if path is None:
         return
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         raise InvalidRequest(f"--plot {path}: the folder {folder} does not exist")
     if path.is_dir():
         raise InvalidRequest(f"--plot {path} is a folder; give a file name such as lab.svg")
-    if path.suffix != ".svg":
+    if not path.name.endswith(".svg"):
         raise InvalidRequest(f"--plot {path}: the drawing is SVG; give a name ending in .svg")
+    existed = path.exists()
+    try:
+        # Append mode: an existing file keeps its content until the drawing replaces it.
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise InvalidRequest(f"--plot {path}: cannot write it: {error.strerror}") from None
+    if not existed:
+        path.unlink()
 
 
 def _check_tools() -> None:
@@ -191,6 +204,8 @@ class _Result:
     because: str
     decision: dict[str, Any] | None
     arrived: dict[str, dict[int, int]]
+    # Whether the step brings a stricter state than the one before.
+    stricter: bool = False
     fetches: list[Check] = field(default_factory=list)
     # The tunnel's state and the packet counts.
     checks: list[Check] = field(default_factory=list)
@@ -324,7 +339,9 @@ class _Lab:
 
         results = []
         steps = story(
-            self.tunnel, bob_admitted=self.expectation.bob_admitted, userbound=self.userbound
+            self.tunnel,
+            bob_remote_counts=self.expectation.bob_remote_counts,
+            userbound=self.userbound,
         )
         rules = frozenset[Rule]()
         for step in steps:
@@ -345,6 +362,18 @@ class _Lab:
 
         total = self.bed.arrivals()
         whole_run = []
+        if self.settings.kill_switch and not self.expectation.removed:
+            # Also between the windows: while the tunnel reconnects, only the kill switch blocks.
+            count = total["public"].get(ALICE, 0)
+            whole_run.append(
+                Check(
+                    "alice's packets on the public side over the whole story",
+                    "0",
+                    str(count),
+                    count == 0,
+                    "alice's packets for the private network left outside her tunnel",
+                )
+            )
         if not self.expectation.bob_admitted:
             count = total["private"].get(BOB, 0)
             whole_run.append(
@@ -372,11 +401,16 @@ class _Lab:
         seen = len(self.events)
         started = self.now()
         self._act(step)
+        before_rank = self.expectation.action.rank
         expected = self.expectation.advance(step) if step.tunnel_exists else "-"
+        stricter = self.expectation.action.rank > before_rank
         decision = None
         if self.userbound and step.tunnel_exists:
             if decides:
                 decision = self._wait_for_decision(seen)
+            else:
+                # No decision should come; give a wrong one the time to show.
+                time.sleep(NO_DECISION_WAIT)
             state = self._wait_for_state(expected)
         else:
             # Nothing reacts to sessions: the system-wide tunnel stays up throughout.
@@ -392,6 +426,11 @@ class _Lab:
         time.sleep(max(0.0, WINDOW - (self.now() - settled)))
         after = self.bed.arrivals()
         fetching.join()
+        if self.userbound and step.tunnel_exists:
+            # The state must hold through the window, not only at its start.
+            final = self._state()
+            if final != state:
+                state = f"{state}, then {final}"
         arrived = {
             place: {uid: after[place].get(uid, 0) - before[place].get(uid, 0) for uid in USERS}
             for place in after
@@ -406,6 +445,7 @@ class _Lab:
             self.expectation.because,
             decision,
             arrived,
+            stricter,
         )
         result.checks = self._judge(result)
         result.fetches = [
@@ -433,6 +473,18 @@ class _Lab:
         held = result.state == result.expected_state
         why = result.because
         checks.append(Check("tunnel state", result.expected_state, result.state, held, why))
+        grace = self.settings.grace_period
+        if grace and self.userbound and result.stricter:
+            waited = result.settled - result.started
+            checks.append(
+                Check(
+                    "the stricter state waited for the grace period",
+                    f">= {grace:g} s",
+                    f"{waited:.2f} s",
+                    waited >= grace,
+                    f"grace_period = {grace:g} should hold the action back that long",
+                )
+            )
         checks += packet_checks(self.expectation, result.expected_state, result.arrived)
         return checks
 

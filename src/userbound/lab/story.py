@@ -54,13 +54,13 @@ class Step:
     tunnel_exists: bool = True
 
 
-def story(tunnel: str, *, bob_admitted: bool, userbound: bool = True) -> list[Step]:
+def story(tunnel: str, *, bob_remote_counts: bool, userbound: bool = True) -> list[Step]:
     """Return the steps for alice's tunnel.
 
-    bob's remote session counts only if bob is not admitted to the tunnel.
+    bob_remote_counts: whether bob's ssh session brings on_remote_session.
     Without userbound, alice's VPN client brings the tunnel up for the whole machine.
     """
-    remote = frozenset() if bob_admitted else frozenset({Rule.REMOTE_SESSION})
+    remote = frozenset({Rule.REMOTE_SESSION}) if bob_remote_counts else frozenset()
     return [
         Step("login", "alice logs in on seat0", "alice", tunnel_exists=False),
         Step(
@@ -134,11 +134,15 @@ class Expectation:
     removed: bool = False
     because: str = "no rule applies"
     bob_admitted: bool = field(init=False)
+    # Whether bob's remote session counts for on_remote_session: unless the
+    # allow lists let him into an owner-scoped tunnel.
+    bob_remote_counts: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.bob_admitted = self.settings.scope == "system" or BOB in admitted_uids(
-            self.settings, ALICE
-        )
+        system = self.settings.scope == "system"
+        allowed = BOB in admitted_uids(self.settings, ALICE)
+        self.bob_admitted = system or allowed
+        self.bob_remote_counts = system or not allowed
 
     def advance(self, step: Step) -> str:
         """Apply a step's rules and return the state the tunnel should then be in."""
