@@ -4,8 +4,8 @@ The lab builds a testbed (testbed.py), a private system bus with a
 simulated logind (logind.py) and the real daemon, then plays the story of
 story.py: alice (uid 2001) connects her tunnel, bob (uid 2002) takes the
 screen, alice locks it, bob logs in over ssh, alice logs out.  Both uids have
-no account: nothing on the machine changes.  Counters at the private server
-and on the public side show whose packets got through after each step.
+no account, so no account is created.  Counters at the private server and on
+the public side show whose packets got through after each step.
 """
 
 from __future__ import annotations
