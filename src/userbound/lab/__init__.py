@@ -258,7 +258,7 @@ class _Lab:
         _progress("building namespaces: shared machine, public side, VPN server, private server")
         self.bed.build()
         self.bed.count_arrivals(TAGS)
-        self.bed.refuse_private_network()
+        self.bed.reject_private_network()
         _progress("starting a private system bus and a simulated logind on the shared machine")
         self.bus = PrivateBus(self.bed.directory / "bus", self.bed.prefix_command(self.bed.host))
         self.bus.start()
@@ -596,8 +596,11 @@ class _Lab:
             if result.returncode == 0 and result.stdout.strip() == "private":
                 outcomes.append("page")
                 continue
-            lines = result.stderr.strip().splitlines() or [f"curl exited {result.returncode}"]
-            outcomes.append(f"blocked: {lines[-1].removeprefix('curl: ')}")
+            lines = result.stderr.strip().splitlines()
+            reason = f"curl exited {result.returncode}"
+            if lines:
+                reason = lines[-1].removeprefix("curl: ")
+            outcomes.append(f"blocked: {reason}")
         return outcomes
 
     # The report

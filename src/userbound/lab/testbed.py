@@ -279,12 +279,12 @@ table inet lab {{
         )
         run("ip", "-n", self.vpn, "link", "set", self.server_interface, "up")
 
-    def _wait_for_socket(self, interface: str, what: str) -> None:
+    def _wait_for_socket(self, interface: str, description: str) -> None:
         deadline = time.monotonic() + 5
         socket_path = Path(f"/var/run/wireguard/{interface}.sock")
         while not socket_path.exists():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start")
+                raise RuntimeError(f"{description} did not start within 5 s")
             time.sleep(0.01)
 
     def _wg(self, *argv: str) -> str:
@@ -597,15 +597,15 @@ table inet lab {{
         for namespace, hook in ((self.private, "input"), (self.wan, "prerouting")):
             self._add_lab_chain(namespace, "arrivals", hook, -300, counting, counters)
 
-    def refuse_private_network(self) -> None:
+    def reject_private_network(self) -> None:
         """Make the public side reject packets for the private network at once with an ICMP
         error, as a router without a route to it does, instead of dropping most of them.
 
         The kernel limits its own "unreachable" replies to about one a second
         per sender.  Instead, a route sends these packets toward an interface
-        that leads nowhere (one end of a veth pair whose other end is in the
-        same namespace), and a reject rule in the forward hook, with the rate
-        limit off, replies to every one.
+        that leads nowhere: one end of a veth pair whose other end is in the
+        same namespace.  A reject rule in the forward hook, with the rate limit
+        off, then replies to every one.
         """
         # Administratively prohibited: an error even a UDP socket receives.
         self._sysctl(self.wan, "net.ipv4.icmp_ratelimit", "0")
@@ -615,11 +615,11 @@ table inet lab {{
             run("ip", "-n", self.wan, "link", "set", end, "up")
         run("ip", "-n", self.wan, "route", "add", PRIVATE_NET_V4, "dev", "void")
         run("ip", "-n", self.wan, "-6", "route", "add", PRIVATE_NET_V6, "dev", "void")
-        refuse = [
+        rejects = [
             f"ip daddr {PRIVATE_NET_V4} reject with icmpx type admin-prohibited",
             f"ip6 daddr {PRIVATE_NET_V6} reject with icmpx type admin-prohibited",
         ]
-        self._add_lab_chain(self.wan, "refuse", "forward", 0, refuse)
+        self._add_lab_chain(self.wan, "reject", "forward", 0, rejects)
 
     def arrivals(self) -> dict[str, dict[int, int]]:
         """Return the packets counted by count_arrivals(): {"private"|"public": {uid: packets}}."""
