@@ -619,7 +619,7 @@ table inet lab {{
             f"ip daddr {PRIVATE_NET_V4} reject with icmpx type admin-prohibited",
             f"ip6 daddr {PRIVATE_NET_V6} reject with icmpx type admin-prohibited",
         ]
-        self._add_lab_chain(self.wan, "reject", "forward", 0, rejects)
+        self._add_lab_chain(self.wan, "unreachable", "forward", 0, rejects)
 
     def arrivals(self) -> dict[str, dict[int, int]]:
         """Return the packets counted by count_arrivals(): {"private"|"public": {uid: packets}}."""
