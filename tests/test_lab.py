@@ -21,7 +21,17 @@ from userbound.lab.testbed import USERBOUND, remove_leftovers, run
 
 pytestmark = pytest.mark.root
 
-STEPS = ["login", "up", "switch-to-bob", "switch-to-alice", "lock", "unlock", "ssh", "logout"]
+STEPS = [
+    "login",
+    "up",
+    "switch-to-bob",
+    "switch-to-alice",
+    "lock",
+    "unlock",
+    "ssh",
+    "restart-logind",
+    "logout",
+]
 
 
 def lab(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -73,12 +83,13 @@ def test_lab_with_userbound(tmp_path: Path) -> None:
         "up",
         "up",
         "up",
+        "up",
         "disconnected",
     ]
     assert [s["seat0"] for s in report["steps"]][2:5] == ["bob", "alice", "alice (locked)"]
     # Counted at the private server: alice's job got through while her tunnel was up, bob's never.
     assert report["totals"]["private"]["bob"] == 0
-    assert all(s["packets"]["private"]["alice"] > 0 for s in report["steps"][1:7])
+    assert all(s["packets"]["private"]["alice"] > 0 for s in report["steps"][1:8])
     assert steps["logout"]["packets"]["private"]["alice"] == 0
     assert all(s["packets"]["public"]["alice"] == 0 for s in report["steps"])
     # bob's job ran all along, on the public side.
@@ -87,6 +98,9 @@ def test_lab_with_userbound(tmp_path: Path) -> None:
     assert len(fetches) == 2
     assert all(c["observed"].startswith("blocked") and c["held"] for c in fetches.values())
     assert steps["logout"]["decision"]["rule"] == "on_owner_logout"
+    # logind restarts: the daemon reads the same sessions again and decides nothing.
+    assert steps["restart-logind"]["decision"] is None
+    assert report["logind"] == "simulated"
     assert report["duration_s"] < 30
     # The drawing is SVG, with a row for each step.
     svg = ElementTree.parse(plot).getroot()

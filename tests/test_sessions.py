@@ -356,6 +356,35 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
     play(bus, scenario)
 
 
+def test_a_lock_outlives_a_logind_restart(bus: PrivateBus, logind: SimulatedLogind) -> None:
+    async def scenario(monitor: LogindMonitor, follow: Follower, puppet: LogindPuppet) -> None:
+        await follow.step(puppet.login("2", ALICE, "alice", vt=5, activate=True))
+        await follow.step(puppet.login("3", BOB, "bob", vt=6))
+        await follow.step(puppet.lock("2"))
+        follow.take()
+        started = {i: s.timestamp for i, s in monitor.snapshot.sessions.items()}
+
+        before = monitor.reads
+        logind.stop()
+        await follow.settle(before)
+        # elogind saves no LockedHint: once restarted, it calls alice's session unlocked.
+        before = monitor.reads
+        alice = {"Id": "2", "UID": ALICE, "Name": "alice", "VTNr": 5, "Active": True}
+        bob = {"Id": "3", "UID": BOB, "Name": "bob", "VTNr": 6}
+        restarted = [alice | {"Timestamp": started["2"]}, bob | {"Timestamp": started["3"]}]
+        await asyncio.to_thread(logind.start, restarted)
+        await follow.settle(before)
+        assert follow.take() == ["sessions-unknown", "sessions-known"]
+        assert monitor.snapshot.sessions["2"].locked
+
+        # It stays locked until logind says something about its lock: alice unlocks.
+        unlock = puppet.lock("2", locked=False, lock_signal=False)
+        assert await follow.step(unlock) == ["session-unlocked 2"]
+        assert await follow.step(puppet.lock("2")) == ["session-locked 2"]
+
+    play(bus, scenario)
+
+
 def test_no_bus_means_unknown_until_it_appears(tmp_path: Path) -> None:
     missing_bus_tools()
     late_bus = PrivateBus(tmp_path / "late")

@@ -231,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reach alice's private network (root)",
         description="""\
 Build a shared machine, a public side, a WireGuard server and a private web
-server in network namespaces, and run the daemon with a simulated logind.
-Then play a story: alice (uid 2001) logs in and connects, bob (uid 2002) takes
-the screen, alice locks it, bob logs in over ssh, alice logs out. bob's job
-probes the private server all along. Each step shows who is in front of seat0,
+server in network namespaces, and run the daemon with a simulated logind, or
+with real elogind and real logins (--real-logind). Then play a story: alice
+(uid 2001) logs in and connects, bob (uid 2002) takes the screen, alice locks
+it, bob logs in over ssh, logind restarts, alice logs out. bob's job probes
+the private server all along. Each step shows who is in front of seat0,
 the tunnel's state and whose packets arrived, each checked against the policy.
 Everything is removed at the end (see docs/lab.md).""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -260,6 +261,12 @@ exit codes:
         action="store_true",
         help="play the same story with a plain system-wide wireguard-go tunnel, as VPN clients "
         "set up today; the checks show what goes wrong",
+    )
+    lab.add_argument(
+        "--real-logind",
+        action="store_true",
+        help="play with elogind from a Debian chroot (built with debootstrap on first use, "
+        "then cached): PAM logins on VT5 and VT6, chvt, loginctl, ssh (needs virtual terminals)",
     )
     lab.add_argument(
         "--json", action="store_true", help="print a JSON report (the timeline goes to stderr)"
@@ -378,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                     plot=arguments.plot,
                     without_userbound=arguments.without_userbound,
                     keep=arguments.keep,
+                    real_logind=arguments.real_logind,
                 )
             )
         path = socket_path(getattr(arguments, "control_socket", None))

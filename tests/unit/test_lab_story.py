@@ -20,7 +20,17 @@ from userbound.lab.story import (
 )
 from userbound.policy import Action, Settings
 
-KEYED = ["login", "up", "switch-to-bob", "switch-to-alice", "lock", "unlock", "ssh", "logout"]
+KEYED = [
+    "login",
+    "up",
+    "switch-to-bob",
+    "switch-to-alice",
+    "lock",
+    "unlock",
+    "ssh",
+    "restart-logind",
+    "logout",
+]
 
 
 def states(settings: Settings) -> list[str]:
@@ -33,26 +43,26 @@ def states(settings: Settings) -> list[str]:
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        (Settings(), ["up"] * 6 + ["disconnected"]),
+        (Settings(), ["up"] * 7 + ["disconnected"]),
         (
             Settings(on_switch_away=Action.SUSPEND, on_remote_session=Action.SUSPEND),
-            ["up", "suspended", "up", "up", "up", "suspended", "disconnected"],
+            ["up", "suspended", "up", "up", "up", "suspended", "suspended", "disconnected"],
         ),
         (
             Settings(on_lock=Action.DISCONNECT),
-            ["up", "up", "up", "disconnected", "up", "up", "disconnected"],
+            ["up", "up", "up", "disconnected", "up", "up", "up", "disconnected"],
         ),
         # Without reconnect_on_return, a suspended tunnel waits for `userbound resume`,
         (
             Settings(on_switch_away=Action.SUSPEND, reconnect_on_return=False),
-            ["up", "suspended", "suspended", "suspended", "suspended", "suspended", "removed"],
+            ["up"] + ["suspended"] * 6 + ["removed"],
         ),
         # and a disconnected one is gone for good.
         (
             Settings(on_lock=Action.DISCONNECT, reconnect_on_return=False),
-            ["up", "up", "up", "removed", "removed", "removed", "removed"],
+            ["up", "up", "up"] + ["removed"] * 5,
         ),
-        (Settings(on_owner_logout=Action.KEEP), ["up"] * 7),
+        (Settings(on_owner_logout=Action.KEEP), ["up"] * 8),
     ],
 )
 def test_expected_states(settings: Settings, expected: list[str]) -> None:

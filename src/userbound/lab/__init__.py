@@ -1,16 +1,17 @@
 """`userbound lab`: the problem userbound solves, played on a shared machine in namespaces.
 
-The lab builds a testbed (testbed.py), a private system bus with a
-simulated logind (logind.py) and the real daemon, then plays the story of
-story.py: alice (uid 2001) connects her tunnel, bob (uid 2002) takes the
-screen, alice locks it, bob logs in over ssh, alice logs out.  Both uids have
-no account, so no account is created.  Counters at the private server and on
-the public side show whose packets got through after each step.
+The lab builds a testbed (testbed.py), the logins (logins.py: a simulated
+logind on a private system bus, or real elogind from a chroot) and the real
+daemon, then plays the story of story.py: alice (uid 2001) connects her
+tunnel, bob (uid 2002) takes the screen, alice locks it, bob logs in over
+ssh, logind restarts, alice logs out.  The machine has no accounts for
+them: with a simulated logind they are bare uids, with real elogind they
+exist only in its chroot.  Counters at the private server and on the public
+side show whose packets got through after each step.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.util
 import json
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,12 @@ from userbound.errors import (
     InvalidRequest,
     UserboundError,
 )
-from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
+from userbound.lab.elogind import unavailable_reason
+from userbound.lab.logins import Logins, RealLogins, SimulatedLogins
 from userbound.lab.report import Timeline, write_plot
 from userbound.lab.story import (
     ALICE,
-    ALICE_SESSION,
     BOB,
-    BOB_SESSION,
-    BOB_SSH,
     PRIVATE_PAGE,
     USERS,
     Check,
@@ -81,6 +79,7 @@ class Options:
     plot: Path | None = None
     without_userbound: bool = False
     keep: bool = False
+    real_logind: bool = False
 
 
 class LabError(Exception):
@@ -99,7 +98,7 @@ def run_lab(options: Options) -> int:
     try:
         settings, source = _settings(options.policy)
         _check_plot_path(options.plot)
-        _check_tools()
+        _check_tools(real_logind=options.real_logind)
     except UserboundError as error:
         print(f"userbound lab: {error.message}", file=sys.stderr)
         if "'alice'" in error.message or "'bob'" in error.message:
@@ -183,12 +182,16 @@ def _check_plot_path(path: Path | None) -> None:
         path.unlink()
 
 
-def _check_tools() -> None:
+def _check_tools(*, real_logind: bool) -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if importlib.util.find_spec("dbusmock") is None:
+    if importlib.util.find_spec("dbusmock") is None and not real_logind:
         missing.append("python-dbusmock")
     if missing:
         raise LabError(f"missing {', '.join(missing)}; scripts/install installs what the lab needs")
+    if real_logind:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise LabError(f"--real-logind: {reason}")
 
 
 @dataclass
@@ -224,8 +227,10 @@ class _Lab:
         self.source = source
         self.expectation = Expectation(settings)
         self.bed = Testbed(PREFIX)
-        self.bus: PrivateBus | None = None
-        self.logind: SimulatedLogind | None = None
+        self.logins: Logins = (
+            RealLogins(self.bed, _progress) if options.real_logind else SimulatedLogins(self.bed)
+        )
+        self._logins_started = False
         self.tunnel = self.bed.tunnel_name()
         self.start = time.monotonic()
         self.samples: list[tuple[float, dict[str, dict[int, int]]]] = []
@@ -259,16 +264,20 @@ class _Lab:
         self.bed.build()
         self.bed.count_arrivals(TAGS)
         self.bed.reject_private_network()
-        _progress("starting a private system bus and a simulated logind on the shared machine")
-        self.bus = PrivateBus(self.bed.directory / "bus", self.bed.prefix_command(self.bed.host))
-        self.bus.start()
-        self.logind = SimulatedLogind(self.bus).start()
+        if self.options.real_logind:
+            _progress(
+                "starting elogind, dbus-daemon and sshd from the chroot on the shared machine"
+            )
+        else:
+            _progress("starting a private system bus and a simulated logind on the shared machine")
+        self._logins_started = True
+        self.logins.start()
         if self.userbound:
             _progress("starting the userbound daemon on the shared machine")
             extra = ["--sessions", "logind"]
             if self.options.policy is not None:
                 extra += ["--policy", str(self.options.policy.resolve())]
-            self.bed.start_daemon(*extra, env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address})
+            self.bed.start_daemon(*extra, env={"DBUS_SYSTEM_BUS_ADDRESS": self.logins.address})
             threading.Thread(target=self._follow_events, daemon=True).start()
         else:
             _progress("without userbound: alice's VPN will be a system-wide wireguard-go tunnel")
@@ -283,11 +292,11 @@ class _Lab:
         }
         try:
             _progress("removing the lab")
-            if self.logind is not None:
-                self.logind.stop()
-            if self.bus is not None:
-                self.bus.stop()
-            self.bed.destroy()
+            try:
+                if self._logins_started:
+                    self.logins.stop()
+            finally:
+                self.bed.destroy()
         finally:
             for number, handler in ignored.items():
                 signal.signal(number, handler)
@@ -302,6 +311,7 @@ class _Lab:
                 f"--clear-groups userbound --control-socket {socket} status"
             )
         _progress(f"  files, logs and state: {self.bed.directory}")
+        _progress(f"  logind's bus: DBUS_SYSTEM_BUS_ADDRESS={self.logins.address}")
         while True:
             time.sleep(3600)
 
@@ -489,43 +499,10 @@ class _Lab:
         return checks
 
     def _act(self, step: Step) -> None:
-        if step.key == "login":
-            self._puppet(lambda lg: lg.login(ALICE_SESSION, ALICE, "alice", vt=5, activate=True))
-        elif step.key == "up":
+        if step.key == "up":
             self._bring_up()
-        elif step.key == "switch-to-bob":
-            self._puppet(_switch_to_bob)
-        elif step.key == "switch-to-alice":
-            self._puppet(lambda lg: lg.switch("seat0", ALICE_SESSION, previous=BOB_SESSION))
-        elif step.key in ("lock", "unlock"):
-            self._puppet(lambda lg: lg.lock(ALICE_SESSION, locked=step.key == "lock"))
-        elif step.key == "ssh":
-            self._puppet(
-                lambda lg: lg.login(
-                    BOB_SSH,
-                    BOB,
-                    "bob",
-                    seat="",
-                    remote=True,
-                    remote_host="10.200.1.1",
-                    service="sshd",
-                    session_type="tty",
-                )
-            )
-        elif step.key == "logout":
-            self._puppet(lambda lg: lg.logout(ALICE_SESSION))
         else:
-            raise LabError(f"the story has no step {step.key!r}")
-
-    def _puppet(self, play: Callable[[LogindPuppet], Awaitable[Any]]) -> None:
-        assert self.bus is not None
-        address = self.bus.address
-
-        async def run_play() -> None:
-            async with LogindPuppet.connect(address) as puppet:
-                await play(puppet)
-
-        asyncio.run(run_play())
+            self.logins.act(step.key)
 
     def _bring_up(self) -> None:
         client = self.bed.add_client()
@@ -583,13 +560,17 @@ class _Lab:
                 # "if!": an interface name, never looked up as a host name once the tunnel is gone.
                 argv += ["--interface", f"if!{self.tunnel}"]
             try:
-                result = subprocess.run(
-                    [*self.bed.prefix_command(self.bed.host, fetch.uid), *argv, PRIVATE_PAGE],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                    check=False,
-                )
+                result = None
+                if fetch.over_ssh:
+                    result = self.logins.over_ssh(fetch.uid, [*argv, PRIVATE_PAGE])
+                if result is None:
+                    result = subprocess.run(
+                        [*self.bed.prefix_command(self.bed.host, fetch.uid), *argv, PRIVATE_PAGE],
+                        capture_output=True,
+                        text=True,
+                        timeout=10,
+                        check=False,
+                    )
             except subprocess.TimeoutExpired:
                 outcomes.append("blocked: curl did not end within 10 s")
                 continue
@@ -612,6 +593,7 @@ class _Lab:
         failed = [c for c in checks if not c.held]
         return {
             "mode": "userbound" if self.userbound else "without-userbound",
+            "logind": self.logins.kind,
             "policy": {"source": self.source, "settings": self.settings.to_json()},
             "tunnel": self.tunnel,
             "users": {name: uid for uid, name in USERS.items()},
@@ -637,11 +619,6 @@ class _Lab:
             "passed": not failed,
             "duration_s": round(self.now(), 2),
         }
-
-
-async def _switch_to_bob(logind: LogindPuppet) -> None:
-    await logind.login(BOB_SESSION, BOB, "bob", vt=6)
-    await logind.switch("seat0", BOB_SESSION, previous=ALICE_SESSION)
 
 
 def _step_json(result: _Result) -> dict[str, Any]:

@@ -168,6 +168,12 @@ class SimulatedLogind:
             )
         return asyncio.run(_name_has_owner(self.bus.address, LOGIN1))
 
+    def restart(self) -> None:
+        """Stop it and start it again with the sessions it had, as logind finds them again."""
+        sessions = asyncio.run(_read_sessions(self.bus.address))
+        self.stop()
+        self.start(sessions)
+
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop it (SIGKILL to make it vanish as a crash would)."""
         process, self._process = self._process, None
@@ -200,6 +206,53 @@ async def _name_has_owner(address: str, name: str) -> bool:
             )
         )
         return bool(reply.body[0])
+    finally:
+        bus.disconnect()
+
+
+# The session properties a restarted simulated logind takes over.
+KEPT = (
+    "Name",
+    "Class",
+    "Type",
+    "Remote",
+    "RemoteHost",
+    "Service",
+    "VTNr",
+    "TTY",
+    "State",
+    "Leader",
+    "Active",
+    "LockedHint",
+    "Timestamp",
+)
+
+
+async def _read_sessions(address: str) -> list[dict[str, Any]]:
+    """Return the sessions on the bus as property maps with "Id", "UID" and "Seat"."""
+    bus = await MessageBus(bus_address=address).connect()
+    try:
+        listed = await bus.call(
+            Message(destination=LOGIN1, path=ROOT, interface=MANAGER, member="ListSessions")
+        )
+        sessions = []
+        for _id, uid, _user, seat, path in listed.body[0]:
+            reply = await bus.call(
+                Message(
+                    destination=LOGIN1,
+                    path=path,
+                    interface="org.freedesktop.DBus.Properties",
+                    member="GetAll",
+                    signature="s",
+                    body=[SESSION],
+                )
+            )
+            values = reply.body[0]
+            # The Id property, not ListSessions' first field: dbusmock's gives the path element.
+            entry = {"Id": values["Id"].value, "UID": uid, "Seat": seat}
+            entry.update({name: values[name].value for name in KEPT if name in values})
+            sessions.append(entry)
+        return sessions
     finally:
         bus.disconnect()
 

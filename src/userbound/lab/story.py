@@ -40,6 +40,8 @@ class Fetch:
     label: str
     # Bind to the owner's tunnel interface, as `curl --interface` does.
     on_tunnel: bool = False
+    # Run in a new ssh login of the user where the logins are real.
+    over_ssh: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,10 @@ def story(tunnel: str, *, bob_remote_counts: bool, userbound: bool = True) -> li
             "bob logs in over ssh",
             "alice",
             remote,
-            fetches=(Fetch(BOB, f"bob, over ssh: curl {PRIVATE_PAGE}"),),
+            fetches=(Fetch(BOB, f"bob, over ssh: curl {PRIVATE_PAGE}", over_ssh=True),),
         ),
+        # A restart changes no session, so the same rules hold afterwards.
+        Step("restart-logind", "logind restarts", "alice", remote),
         Step("logout", "alice logs out", "nobody", frozenset({Rule.OWNER_LOGOUT}) | remote),
     ]
 

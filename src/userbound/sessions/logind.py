@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
@@ -121,6 +122,12 @@ class LogindMonitor(Monitor):
         self._lost = False
         self._watch: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
+        # Sessions that were locked when logind left the bus.  elogind does
+        # not save LockedHint, so once restarted it calls them unlocked; they
+        # stay locked here until logind signals their lock state again.
+        self._held_locks: set[tuple[str, int | None, int]] = set()
+        # Session ids by object path, from the last read, to match signals.
+        self._ids: dict[str, str] = {}
 
     @property
     def address(self) -> str:
@@ -189,6 +196,10 @@ class LogindMonitor(Monitor):
         if message.member == "NameOwnerChanged" and message.sender == BUS:
             if message.body and message.body[0] == LOGIN1:
                 self._owner = message.body[2]
+                if not self._owner and self.snapshot.known:
+                    self._held_locks |= {
+                        s.identity for s in self.snapshot.sessions.values() if s.locked
+                    }
                 logger.info("logind %s the system bus", "joined" if self._owner else "left")
                 self.notice("owner")
             return
@@ -198,6 +209,9 @@ class LogindMonitor(Monitor):
             return
         if interface == PROPERTIES and _only_idle_changed(message.body):
             return
+        if self._held_locks and _lock_signal(message):
+            session_id = self._ids.get(path)
+            self._held_locks = {key for key in self._held_locks if key[0] != session_id}
         if interface == PROPERTIES or interface.startswith(LOGIN1 + "."):
             self.notice("signal")
 
@@ -235,11 +249,21 @@ class LogindMonitor(Monitor):
             asyncio.gather(*(self._session(path) for *_, path in listed_sessions)),
             asyncio.gather(*(self._seat(path) for _, path in listed_seats)),
         )
-        return Snapshot.build(
-            self.source,
-            (s for s in sessions if s is not None),
-            (s for s in seats if s is not None),
-        )
+        self._ids = {
+            path: session.id
+            for (*_, path), session in zip(listed_sessions, sessions, strict=True)
+            if session is not None
+        }
+        found = [s for s in sessions if s is not None]
+        if self._held_locks:
+            found = self._hold_locks(found)
+        return Snapshot.build(self.source, found, (s for s in seats if s is not None))
+
+    def _hold_locks(self, sessions: list[Session]) -> list[Session]:
+        """Keep sessions locked that were locked before logind restarted."""
+        # Held no longer: sessions that ended, and those logind calls locked again.
+        self._held_locks &= {s.identity for s in sessions if not s.locked}
+        return [replace(s, locked=True) if s.identity in self._held_locks else s for s in sessions]
 
     # Each object becomes a model object as soon as it is read, so a read of
     # thousands of sessions never keeps all their property maps at once.
@@ -307,6 +331,19 @@ def _only_idle_changed(body: list[Any]) -> bool:
         return set(changed) | set(invalidated) <= IDLE_PROPERTIES
     except (TypeError, ValueError):
         return False
+
+
+def _lock_signal(message: Message) -> bool:
+    """Whether a signal says something about a session's lock state."""
+    if message.interface == SESSION:
+        return message.member in ("Lock", "Unlock")
+    body = message.body
+    return (
+        message.interface == PROPERTIES
+        and len(body) >= 3
+        and body[0] == SESSION
+        and ("LockedHint" in body[1] or "LockedHint" in body[2])
+    )
 
 
 def _reason(error: BaseException) -> str:
