@@ -1,12 +1,17 @@
-"""Summaries of timings, shared by the benchmark scripts."""
+"""Summaries of timings, and the daemon's decisions as they come, for the benchmark scripts."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
+
+from userbound.lab.testbed import USERBOUND, Testbed
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -35,3 +40,27 @@ def header() -> dict[str, Any]:
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def follow_decisions(bed: Testbed) -> Callable[[], dict[str, Any]]:
+    """Follow the daemon's events in the bed; return a function that waits for the next
+    committed decision and returns it."""
+    follower = bed.spawn(
+        bed.host,
+        str(USERBOUND),
+        "events",
+        "--follow",
+        "--json",
+        env={"USERBOUND_SOCKET": str(bed.control_socket)},
+        stdout=subprocess.PIPE,
+    )
+    output = follower.stdout
+    assert output is not None
+
+    def next_decision() -> dict[str, Any]:
+        while True:
+            event: dict[str, Any] = json.loads(output.readline())
+            if event.get("event") == "decision" and event.get("committed_monotonic"):
+                return event
+
+    return next_decision

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import header, summary
+from figures import follow_decisions, header, summary
 
 from userbound.lab.logind import (
     SEAT,
@@ -39,7 +39,7 @@ from userbound.lab.logind import (
     seat_path,
     session_path,
 )
-from userbound.lab.testbed import PRIVATE_V4, USERBOUND, Testbed
+from userbound.lab.testbed import PRIVATE_V4, Testbed
 
 ALICE = 2001
 BOB = 2002
@@ -86,22 +86,7 @@ def run_switches(bus: PrivateBus, bed: Testbed, switches: int) -> dict[str, Any]
     assert receiver.stdout is not None
     assert receiver.stdout.readline().strip() == b"ready"
     bed.spawn(bed.host, sys.executable, "-c", SENDER, uid=ALICE)
-    follower = bed.spawn(
-        bed.host,
-        str(USERBOUND),
-        "events",
-        "--follow",
-        "--json",
-        env={"USERBOUND_SOCKET": str(bed.control_socket)},
-        stdout=subprocess.PIPE,
-    )
-    assert follower.stdout is not None
-
-    def next_decision() -> dict[str, Any]:
-        while True:
-            event: dict[str, Any] = json.loads(follower.stdout.readline())  # type: ignore[union-attr]
-            if event.get("event") == "decision" and event.get("committed_monotonic"):
-                return event
+    next_decision = follow_decisions(bed)
 
     records: list[tuple[float, dict[str, Any]]] = []
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from figures import header, summary
+from figures import follow_decisions, header, summary
 
 from userbound.lab.elogind import (
     RealLogind,
@@ -33,7 +32,7 @@ from userbound.lab.elogind import (
     ensure_chroot,
     unavailable_reason,
 )
-from userbound.lab.testbed import USERBOUND, Testbed
+from userbound.lab.testbed import Testbed
 
 ALICE = 2001
 RESULTS = Path(__file__).parent / "results" / "real_logind.json"
@@ -50,22 +49,7 @@ def run_switches(bed: Testbed, logind: RealLogind, switches: int) -> dict[str, A
     path = bed.write_config(bed.client_config(bed.add_client()), ALICE)
     result = bed.cli(ALICE, "up", str(path), "--name", bed.tunnel_name())
     assert result.returncode == 0, result.stderr
-    follower = bed.spawn(
-        bed.host,
-        str(USERBOUND),
-        "events",
-        "--follow",
-        "--json",
-        env={"USERBOUND_SOCKET": str(bed.control_socket)},
-        stdout=subprocess.PIPE,
-    )
-    assert follower.stdout is not None
-
-    def next_decision() -> dict[str, Any]:
-        while True:
-            event: dict[str, Any] = json.loads(follower.stdout.readline())  # type: ignore[union-attr]
-            if event.get("event") == "decision" and event.get("committed_monotonic"):
-                return event
+    next_decision = follow_decisions(bed)
 
     records = []
     target = 6

@@ -606,12 +606,30 @@ class RealLogind:
             raise RuntimeError(f"chvt {vt}: {result.stderr.strip()}")
 
     def lock(self, session: Session, *, locked: bool = True) -> None:
-        """Lock or unlock as a screen locker does: loginctl, then the session's LockedHint."""
+        """Lock or unlock as the session's owner: loginctl, then the lock hint, as a locker does."""
         verb = "lock-session" if locked else "unlock-session"
-        result = self._in_namespace("loginctl", verb, session.id)
-        if result.returncode != 0:
-            raise RuntimeError(f"loginctl {verb} {session.id}: {result.stderr.strip()}")
-        self.call(LOGIN1, session_path(session.id), SESSION, "SetLockedHint", "b", [locked])
+        hint = "true" if locked else "false"
+        for argv in (
+            ("loginctl", verb, session.id),
+            (
+                "dbus-send",
+                "--system",
+                "--print-reply",
+                f"--dest={LOGIN1}",
+                session_path(session.id),
+                f"{SESSION}.SetLockedHint",
+                f"boolean:{hint}",
+            ),
+        ):
+            result = self._in_namespace(
+                "setpriv",
+                f"--reuid={session.uid}",
+                f"--regid={session.uid}",
+                "--init-groups",
+                *argv,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)}: {result.stderr.strip()}")
 
     def ssh_login(self, user: str) -> Session:
         """Log a user in over ssh from ssh_from and keep the session open; return it."""
