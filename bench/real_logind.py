@@ -3,7 +3,7 @@
     /opt/userbound/venv/bin/python bench/real_logind.py [--switches N] [--output FILE]
 
 alice logs in on VT5 and bob on VT6 with PAM (`login -f` under openvt),
-in elogind's chroot inside the test bed's shared machine; alice's tunnel
+in elogind's chroot inside the test bed's shared machine. alice's tunnel
 runs under `on_switch_away = "suspend"`.  The benchmark switches between
 VT5 and VT6 N times with the VT_ACTIVATE ioctl that chvt uses, and waits
 for the daemon's decision after each switch.  Measures, on CLOCK_MONOTONIC:

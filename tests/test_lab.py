@@ -27,9 +27,9 @@ STEPS = [
     "switch-to-bob",
     "switch-to-alice",
     "lock",
+    "restart-logind",
     "unlock",
     "ssh",
-    "restart-logind",
     "logout",
 ]
 
@@ -98,8 +98,11 @@ def test_lab_with_userbound(tmp_path: Path) -> None:
     assert len(fetches) == 2
     assert all(c["observed"].startswith("blocked") and c["held"] for c in fetches.values())
     assert steps["logout"]["decision"]["rule"] == "on_owner_logout"
-    # logind restarts: the daemon reads the same sessions again and decides nothing.
-    assert steps["restart-logind"]["decision"] is None
+    # While logind restarts, sessions_unknown disconnects the tunnel; then alice is back.
+    away = steps["restart-logind"]["decisions"]
+    assert away[0]["rule"] == "sessions_unknown"
+    assert away[0]["state"] == "disconnected"
+    assert steps["restart-logind"]["state"] == "up"
     assert report["logind"] == "simulated"
     assert report["duration_s"] < 30
     # The drawing is SVG, with a row for each step.
@@ -144,7 +147,7 @@ def test_lab_under_another_policy(tmp_path: Path) -> None:
     assert report["passed"] is True, report["failed"]
     assert report["policy"]["settings"]["on_switch_away"]["value"] == "disconnect"
     states = [s["state"] for s in report["steps"]]
-    assert states[2:6] == ["disconnected", "up", "suspended", "up"]
+    assert states[2:7] == ["disconnected", "up", "suspended", "suspended", "up"]
     steps = by_step(report)
     # Without its interface, bob's curl --interface fails at once.
     bound = [c for c in steps["switch-to-bob"]["checks"] if "--interface" in c["what"]]

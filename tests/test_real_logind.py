@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from userbound.errors import EXIT_LAB_BROKEN
 from userbound.lab.elogind import (
     CHROOT,
     RealLogind,
@@ -216,7 +217,7 @@ def test_real_switches_reach_a_follower(logind: RealLogind, follow: Callable[[],
     follower = follow()
     assert follower.snapshot["state"] == "known"
 
-    # The second chvt 5 changes nothing, and elogind says nothing.
+    # The second chvt 5 changes nothing, and elogind emits nothing.
     for vt in (6, 5, 5, 6):
         logind.switch(vt)
         time.sleep(0.1)
@@ -229,10 +230,8 @@ def test_real_switches_reach_a_follower(logind: RealLogind, follow: Callable[[],
     assert events[-1]["session"]["id"] == alice.id
 
 
-def test_a_lock_outlives_an_elogind_restart(
-    logind: RealLogind, follow: Callable[[], Follow]
-) -> None:
-    """elogind forgets LockedHint when it restarts; userbound keeps the session locked."""
+def test_lock_outlives_elogind_restart(logind: RealLogind, follow: Callable[[], Follow]) -> None:
+    """elogind does not save LockedHint across a restart; userbound keeps the session locked."""
     alice = logind.login("alice", 5)
     logind.switch(5)
     logind.lock(alice)
@@ -248,12 +247,13 @@ def test_a_lock_outlives_an_elogind_restart(
     assert unlocked["session"]["id"] == alice.id
 
 
-def test_the_story_with_real_logins() -> None:
+def test_lab_story_with_real_logins(tmp_path: Path) -> None:
     """`userbound lab --real-logind` under the built-in policy, and what it leaves behind."""
     before, front_vt = cgroups(), active_vt()
+    plot = tmp_path / "lab.svg"
 
     result = subprocess.run(
-        [str(USERBOUND), "lab", "--real-logind", "--json"],
+        [str(USERBOUND), "lab", "--real-logind", "--json", "--plot", str(plot)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -270,14 +270,17 @@ def test_the_story_with_real_logins() -> None:
     assert steps["switch-to-bob"]["decision"]["rule"] == "on_switch_away"
     assert steps["ssh"]["decision"]["rule"] == "on_remote_session"
     assert "10.200.1.1" in steps["ssh"]["decision"]["reason"]
-    assert steps["restart-logind"]["decision"] is None
+    # While elogind restarts, sessions_unknown disconnects; alice's locked session is back.
+    assert steps["restart-logind"]["decisions"][0]["rule"] == "sessions_unknown"
     assert steps["logout"]["decision"]["rule"] == "on_owner_logout"
     over_ssh = [c for c in steps["ssh"]["checks"] if "over ssh" in c["what"]]
     assert over_ssh[0]["observed"].startswith("blocked: (7)")
+    assert "with userbound and real elogind" in plot.read_text()
     assert_removed(CHROOT, front_vt, before)
+    assert CHROOT.with_name(f"{CHROOT.name}.lock").read_text() == ""
 
 
-def test_a_strict_policy_with_real_logins(tmp_path: Path) -> None:
+def test_lab_strict_policy_with_real_logins(tmp_path: Path) -> None:
     """Each real session change suspends, disconnects or resumes alice's tunnel."""
     policy = tmp_path / "strict.toml"
     policy.write_text(STRICT)
@@ -298,8 +301,8 @@ def test_a_strict_policy_with_real_logins(tmp_path: Path) -> None:
         "suspended",
         "up",
         "disconnected",
+        "disconnected",
         "up",
-        "suspended",
         "suspended",
         "disconnected",
     ]
@@ -308,11 +311,14 @@ def test_a_strict_policy_with_real_logins(tmp_path: Path) -> None:
         ("switch-to-bob", "on_switch_away"),
         ("switch-to-alice", None),
         ("lock", "on_lock"),
+        ("restart-logind", None),
         ("unlock", None),
         ("ssh", "on_remote_session"),
-        ("restart-logind", None),
         ("logout", "on_owner_logout"),
     ]
+    # elogind restarts while alice is locked: the tunnel stays disconnected throughout.
+    restart = next(s for s in report["steps"] if s["step"] == "restart-logind")
+    assert {d["state"] for d in restart["decisions"]} <= {"disconnected"}
     applied = [s["decision"] for s in report["steps"] if s["decision"]]
     assert all(d["latency_ms"] is not None for d in applied if d["action"] != "keep")
     # While suspended or disconnected, nothing of alice's left by the public side.
@@ -351,6 +357,21 @@ time.sleep(600)
         assert [s.id for s in next_bed.sessions()] == []
 
     assert_removed(chroot, front_vt, before)
+
+
+def test_lab_rejected_while_the_chroot_is_used(logind: RealLogind) -> None:
+    result = subprocess.run(
+        [str(USERBOUND), "lab", "--real-logind"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == EXIT_LAB_BROKEN
+    assert f"in use by pid {os.getpid()}" in result.stderr
+    # Rejected before anything was built.
+    assert "building" not in result.stderr
 
 
 def test_removed_when_a_step_fails(bed: Testbed, chroot: Path) -> None:

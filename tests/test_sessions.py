@@ -356,7 +356,7 @@ def test_logind_disappears_and_comes_back(bus: PrivateBus, logind: SimulatedLogi
     play(bus, scenario)
 
 
-def test_a_lock_outlives_a_logind_restart(bus: PrivateBus, logind: SimulatedLogind) -> None:
+def test_lock_outlives_logind_restart(bus: PrivateBus, logind: SimulatedLogind) -> None:
     async def scenario(monitor: LogindMonitor, follow: Follower, puppet: LogindPuppet) -> None:
         await follow.step(puppet.login("2", ALICE, "alice", vt=5, activate=True))
         await follow.step(puppet.login("3", BOB, "bob", vt=6))
@@ -377,7 +377,7 @@ def test_a_lock_outlives_a_logind_restart(bus: PrivateBus, logind: SimulatedLogi
         assert follow.take() == ["sessions-unknown", "sessions-known"]
         assert monitor.snapshot.sessions["2"].locked
 
-        # It stays locked until logind says something about its lock: alice unlocks.
+        # It stays locked until logind signals its lock state again: alice unlocks.
         unlock = puppet.lock("2", locked=False, lock_signal=False)
         assert await follow.step(unlock) == ["session-unlocked 2"]
         assert await follow.step(puppet.lock("2")) == ["session-locked 2"]

@@ -234,9 +234,10 @@ Build a shared machine, a public side, a WireGuard server and a private web
 server in network namespaces, and run the daemon with a simulated logind, or
 with real elogind and real logins (--real-logind). Then play a story: alice
 (uid 2001) logs in and connects, bob (uid 2002) takes the screen, alice locks
-it, bob logs in over ssh, logind restarts, alice logs out. bob's job probes
-the private server all along. Each step shows who is in front of seat0,
-the tunnel's state and whose packets arrived, each checked against the policy.
+it, logind restarts, she unlocks, bob logs in over ssh, alice logs out. bob's
+job probes the private server all along. Each step shows who is in front of
+seat0, the tunnel's state and whose packets arrived, each checked against the
+policy.
 Everything is removed at the end (see docs/lab.md).""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""\

@@ -26,11 +26,15 @@ KEYED = [
     "switch-to-bob",
     "switch-to-alice",
     "lock",
+    "restart-logind",
     "unlock",
     "ssh",
-    "restart-logind",
     "logout",
 ]
+
+
+# The index of bob's ssh login among the steps with a tunnel.
+SSH = KEYED.index("ssh") - 1
 
 
 def states(settings: Settings) -> list[str]:
@@ -46,16 +50,17 @@ def states(settings: Settings) -> list[str]:
         (Settings(), ["up"] * 7 + ["disconnected"]),
         (
             Settings(on_switch_away=Action.SUSPEND, on_remote_session=Action.SUSPEND),
-            ["up", "suspended", "up", "up", "up", "suspended", "suspended", "disconnected"],
+            ["up", "suspended", "up", "up", "up", "up", "suspended", "disconnected"],
         ),
         (
             Settings(on_lock=Action.DISCONNECT),
-            ["up", "up", "up", "disconnected", "up", "up", "up", "disconnected"],
+            ["up", "up", "up", "disconnected", "disconnected", "up", "up", "disconnected"],
         ),
         # Without reconnect_on_return, a suspended tunnel waits for `userbound resume`,
         (
             Settings(on_switch_away=Action.SUSPEND, reconnect_on_return=False),
-            ["up"] + ["suspended"] * 6 + ["removed"],
+            # A logind restart brings sessions_unknown = disconnect, which nothing undoes.
+            ["up", "suspended", "suspended", "suspended"] + ["removed"] * 4,
         ),
         # and a disconnected one is gone for good.
         (
@@ -69,13 +74,35 @@ def test_expected_states(settings: Settings, expected: list[str]) -> None:
     assert states(settings) == expected
 
 
+@pytest.mark.parametrize(
+    ("settings", "while_away"),
+    [
+        # The strictest of the four rules applies while sessions are unknown,
+        (Settings(), "disconnected"),
+        (Settings(on_owner_logout=Action.SUSPEND), "suspended"),
+        (Settings(on_owner_logout=Action.KEEP), "up"),
+        # unless a grace period lets the restart pass.
+        (Settings(grace_period=2), None),
+    ],
+)
+def test_state_while_logind_is_away(settings: Settings, while_away: str | None) -> None:
+    expectation = Expectation(settings)
+    for step in story("ub1", bob_remote_counts=True):
+        state = expectation.advance(step)
+        if step.logind_away:
+            assert expectation.while_away == while_away
+            assert state == "up"
+        else:
+            assert expectation.while_away is None
+
+
 def test_allowed_bob_has_no_remote_rule() -> None:
     settings = Settings(on_remote_session=Action.SUSPEND, allow_users=frozenset({BOB}))
     expectation = Expectation(settings)
 
     assert expectation.bob_admitted
     assert not expectation.bob_remote_counts
-    assert states(settings)[5] == "up"
+    assert states(settings)[SSH] == "up"
     assert not Expectation(Settings()).bob_admitted
 
 
@@ -85,7 +112,7 @@ def test_system_scope_counts_every_remote_session() -> None:
 
     assert expectation.bob_admitted
     assert expectation.bob_remote_counts
-    assert states(settings)[5] == "suspended"
+    assert states(settings)[SSH] == "suspended"
 
 
 def test_because_names_the_rule() -> None:

@@ -3,8 +3,8 @@
 The lab builds a testbed (testbed.py), the logins (logins.py: a simulated
 logind on a private system bus, or real elogind from a chroot) and the real
 daemon, then plays the story of story.py: alice (uid 2001) connects her
-tunnel, bob (uid 2002) takes the screen, alice locks it, bob logs in over
-ssh, logind restarts, alice logs out.  The machine has no accounts for
+tunnel, bob (uid 2002) takes the screen, alice locks it, logind restarts,
+she unlocks, bob logs in over ssh, alice logs out.  The machine has no accounts for
 them: with a simulated logind they are bare uids, with real elogind they
 exist only in its chroot.  Counters at the private server and on the public
 side show whose packets got through after each step.
@@ -36,7 +36,7 @@ from userbound.errors import (
     InvalidRequest,
     UserboundError,
 )
-from userbound.lab.elogind import unavailable_reason
+from userbound.lab.elogind import check_free, unavailable_reason
 from userbound.lab.logins import Logins, RealLogins, SimulatedLogins
 from userbound.lab.report import Timeline, write_plot
 from userbound.lab.story import (
@@ -66,8 +66,8 @@ SAMPLE_INTERVAL = 0.1
 SETTLE_TIMEOUT = 10.0
 NO_DECISION_WAIT = 0.2  # seconds to watch for a decision that should not come
 NO_ACCOUNTS = (
-    f"alice and bob have no accounts: name them by uid, as in [users.{ALICE}] "
-    f"or allow_users = [{BOB}]"
+    "alice and bob have no accounts on this machine (with --real-logind, only inside its "
+    f"chroot): name them by uid, as in [users.{ALICE}] or allow_users = [{BOB}]"
 )
 TOOLS = ("ip", "nft", "wg", "wireguard-go", "setpriv", "curl", "dbus-daemon")
 
@@ -192,6 +192,10 @@ def _check_tools(*, real_logind: bool) -> None:
         reason = unavailable_reason()
         if reason is not None:
             raise LabError(f"--real-logind: {reason}")
+        try:
+            check_free()
+        except RuntimeError as error:
+            raise LabError(f"--real-logind: {error}") from None
 
 
 @dataclass
@@ -209,6 +213,12 @@ class _Result:
     arrived: dict[str, dict[int, int]]
     # Whether the step brings a stricter state than the one before.
     stricter: bool = False
+    # The expected state before the step, and while logind was away during it.
+    previous_state: str = "-"
+    while_away: str | None = None
+    decides: bool = False
+    # Every decision the daemon announced from the action to the window's end.
+    decisions: list[dict[str, Any]] = field(default_factory=list)
     fetches: list[Check] = field(default_factory=list)
     # The tunnel's state and the packet counts.
     checks: list[Check] = field(default_factory=list)
@@ -231,6 +241,7 @@ class _Lab:
             RealLogins(self.bed, _progress) if options.real_logind else SimulatedLogins(self.bed)
         )
         self._logins_started = False
+        self._expected = "-"  # the state the last step should have left
         self.tunnel = self.bed.tunnel_name()
         self.start = time.monotonic()
         self.samples: list[tuple[float, dict[str, dict[int, int]]]] = []
@@ -240,6 +251,7 @@ class _Lab:
         self.timeline = Timeline(
             sys.stderr if options.json_output else sys.stdout,
             without_userbound=options.without_userbound,
+            command="userbound lab --real-logind" if options.real_logind else "userbound lab",
         )
 
     @property
@@ -414,6 +426,11 @@ class _Lab:
         before_rank = self.expectation.action.rank
         expected = self.expectation.advance(step) if step.tunnel_exists else "-"
         stricter = self.expectation.action.rank > before_rank
+        previous, self._expected = self._expected, expected
+        away = self.expectation.while_away
+        if away is not None and away != previous:
+            # sessions_unknown changes the tunnel, and the return changes it again.
+            decides = True
         decision = None
         if self.userbound and step.tunnel_exists:
             if decides:
@@ -456,6 +473,10 @@ class _Lab:
             decision,
             arrived,
             stricter,
+            previous,
+            away,
+            decides,
+            [e for e in self.events[seen:] if e.get("event") == "decision"],
         )
         result.checks = self._judge(result)
         result.fetches = [
@@ -495,8 +516,43 @@ class _Lab:
                     f"grace_period = {grace:g} should hold the action back that long",
                 )
             )
+        if self.userbound and result.step.key != "up":
+            checks += self._judge_decisions(result)
         checks += packet_checks(self.expectation, result.expected_state, result.arrived)
         return checks
+
+    def _judge_decisions(self, result: _Result) -> list[Check]:
+        """Check the states the daemon's decisions gave the tunnel during a step.
+
+        A step that changes no rule must bring no other state. While logind
+        is away, sessions_unknown applies unless a grace period covers it.
+        """
+        observed = "; ".join(
+            f"{d.get('rule') or 'no rule'} -> {d.get('state')}" for d in result.decisions
+        )
+        states = {d.get("state") for d in result.decisions}
+        expected, previous, away = result.expected_state, result.previous_state, result.while_away
+        if result.step.logind_away:
+            what = "decisions while logind was away"
+            if away is not None and away != previous:
+                action = self.settings.action(Rule.UNKNOWN).value
+                held = any(
+                    d.get("rule") == Rule.UNKNOWN.value and d.get("state") == away
+                    for d in result.decisions
+                )
+                why = f"sessions_unknown = {action} should apply while logind is away"
+                return [Check(what, f"sessions_unknown -> {away}", observed, held, why)]
+            grace = self.settings.grace_period
+            why = "the daemon changed the tunnel although the rules that hold did not change"
+            if grace:
+                why = f"grace_period = {grace:g} s should let a logind restart pass"
+            held = states <= {previous, expected}
+            return [Check(what, f"none that leaves {expected}", observed or "none", held, why)]
+        if result.decides:
+            return []
+        held = states <= {expected}
+        why = "the daemon changed the tunnel although the rules that hold did not change"
+        return [Check("decisions", f"none that leaves {expected}", observed or "none", held, why)]
 
     def _act(self, step: Step) -> None:
         if step.key == "up":
@@ -639,6 +695,10 @@ def _step_json(result: _Result) -> dict[str, Any]:
         "state": result.state,
         "because": result.because if result.step.tunnel_exists else None,
         "decision": decision,
+        "decisions": [
+            {key: d.get(key) for key in ("rule", "action", "state", "trigger")}
+            for d in result.decisions
+        ],
         "packets": {
             place: {USERS[uid]: count for uid, count in counts.items()}
             for place, counts in result.arrived.items()

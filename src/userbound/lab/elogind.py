@@ -88,7 +88,7 @@ PrintLastLog no
 
 
 class Unavailable(Exception):
-    """This machine cannot run real logins; the message says why."""
+    """Real logins cannot run on this machine; the message gives the reason."""
 
 
 def unavailable_reason(chroot: Path = CHROOT) -> str | None:
@@ -267,6 +267,14 @@ def _clean_env(**extra: str) -> list[str]:
     return ["env", "-i", *(f"{key}={value}" for key, value in variables.items())]
 
 
+def check_free(chroot: Path = CHROOT) -> None:
+    """Raise RuntimeError naming the holder when a test bed or a build uses the chroot now."""
+    if not chroot.parent.is_dir():
+        return
+    with _exclusive(chroot, "a check"):
+        pass
+
+
 @contextlib.contextmanager
 def _exclusive(chroot: Path, what: str) -> Any:
     """Hold the chroot's lock: one test bed, or one build, at a time on this machine."""
@@ -284,7 +292,11 @@ def _exclusive(chroot: Path, what: str) -> Any:
         file.truncate(0)
         file.write(f"pid {os.getpid()} ({what})\n")
         file.flush()
-        yield
+        try:
+            yield
+        finally:
+            # The lock ends with the file's closing; a pid left in it would name no holder.
+            file.truncate(0)
 
 
 # The test bed
@@ -334,7 +346,8 @@ class RealLogind:
         # Everything started here; stop() reaps them once they are killed.
         self._processes: list[subprocess.Popen[bytes]] = []
         self._front_vt = 0
-        self._cgroups_before: set[str] = set()
+        # The cgroups before this bed's elogind ran; None until it is mounted.
+        self._cgroups_before: set[str] | None = None
 
     # Starting and stopping
 
@@ -384,7 +397,8 @@ class RealLogind:
                     process.kill()
                 process.wait()
             self._processes.clear()
-            self._remove_cgroups(self._cgroups_before)
+            if self._cgroups_before is not None:
+                self._remove_cgroups(self._cgroups_before)
             unmount_all(self.chroot)
             if self._front_vt:
                 with contextlib.suppress(OSError):
@@ -685,7 +699,7 @@ class RealLogind:
 
 
 def _session_cgroup(name: str) -> bool:
-    """Whether a cgroup's name is one elogind gives a session: its id, such as 3 or c2."""
+    """Return whether a cgroup's name is one elogind gives a session: its id, such as 3 or c2."""
     return name.removeprefix("c").isdigit()
 
 

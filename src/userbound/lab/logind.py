@@ -210,7 +210,8 @@ async def _name_has_owner(address: str, name: str) -> bool:
         bus.disconnect()
 
 
-# The session properties a restarted simulated logind takes over.
+# The session properties a restarted simulated logind takes over.  Not
+# LockedHint: elogind does not save it, so after a restart it is false.
 KEPT = (
     "Name",
     "Class",
@@ -223,7 +224,6 @@ KEPT = (
     "State",
     "Leader",
     "Active",
-    "LockedHint",
     "Timestamp",
 )
 

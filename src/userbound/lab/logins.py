@@ -1,4 +1,4 @@
-"""Who logs in and out during the lab's story: a simulated logind, or real elogind.
+"""The logins of the lab's story, on a simulated logind or on real elogind.
 
 Both act the story's session steps by key (story.py) on the shared
 machine, and give the system bus address the daemon reads logind on.

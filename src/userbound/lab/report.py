@@ -24,9 +24,13 @@ ROW = "{:>5}  {:<30} {:<15} {:<15} {:>8} {:>8}   {:>8} {:>8}"
 class Timeline:
     """Rows printed as the story goes on."""
 
-    def __init__(self, out: TextIO, *, without_userbound: bool) -> None:
+    def __init__(
+        self, out: TextIO, *, without_userbound: bool, command: str = "userbound lab"
+    ) -> None:
+        """command: the lab's command line that plays the story with userbound."""
         self.out = out
         self.without_userbound = without_userbound
+        self.command = command
 
     def _print(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -48,7 +52,7 @@ class Timeline:
         lines = [
             f"alice (uid {ALICE}) owns the VPN tunnel; bob (uid {BOB}) shares the machine, and "
             f"his job probes the private server every {interval_ms} ms.",
-            f"Policy ({source}): {', '.join(values)}.",
+            f"Policy ({source}): {'; '.join(values)}",
         ]
         if self.without_userbound:
             lines.append(
@@ -101,7 +105,12 @@ class Timeline:
             if not check.held:
                 self._print(f"{'':>9}{check.why}")
         for check in checks:
-            if not check.held:
+            if check.cell is None and check.what != "tunnel state":
+                # Checks without a column get a line of their own, held or not.
+                self._print(f"{'':>7}{_mark(check)} {check.what}: {check.observed}")
+                if not check.held:
+                    self._print(f"{'':>9}expected {check.expected}: {check.why}")
+            elif not check.held:
                 self._print(f"{'':>7}✗ {_failure(check)}")
 
     def summary(self, report: dict[str, Any]) -> None:
@@ -119,7 +128,7 @@ class Timeline:
                 f"✗ Without userbound, {failed} of {total} expectations failed: {bob} of bob's "
                 "packets reached alice's private network through her tunnel."
             )
-            self._print("  `userbound lab` plays the same story with userbound.")
+            self._print(f"  `{self.command}` plays the same story with userbound.")
         else:
             self._print(f"✗ {failed} of {total} expectations failed:")
             for check in report["failed"]:
@@ -179,6 +188,8 @@ def draw(report: dict[str, Any]) -> str:
     parts: list[str] = []
     top = 40
     mode = "with userbound" if report["mode"] == "userbound" else "without userbound"
+    if report.get("logind") == "elogind":
+        mode += " and real elogind"
     parts.append(
         f'<text x="{LEFT}" y="22" font-size="15" font-weight="bold">'
         f"userbound lab, {mode}: alice's tunnel on a shared machine</text>"

@@ -334,7 +334,7 @@ def _only_idle_changed(body: list[Any]) -> bool:
 
 
 def _lock_signal(message: Message) -> bool:
-    """Whether a signal says something about a session's lock state."""
+    """Return whether a signal concerns a session's lock state."""
     if message.interface == SESSION:
         return message.member in ("Lock", "Unlock")
     body = message.body
