@@ -65,6 +65,17 @@ def logind(bed: Testbed, chroot: Path) -> Iterator[RealLogind]:
         yield real
 
 
+def real_lab(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run `userbound lab --real-logind` with more options."""
+    return subprocess.run(
+        [str(USERBOUND), "lab", "--real-logind", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def cgroups() -> set[str]:
     """The cgroups at the top of the cgroup2 hierarchy, wherever this machine mounts it."""
     with open("/proc/self/mountinfo") as mountinfo:
@@ -252,13 +263,7 @@ def test_lab_story_with_real_logins(tmp_path: Path) -> None:
     before, front_vt = cgroups(), active_vt()
     plot = tmp_path / "lab.svg"
 
-    result = subprocess.run(
-        [str(USERBOUND), "lab", "--real-logind", "--json", "--plot", str(plot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = real_lab("--json", "--plot", str(plot))
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -285,13 +290,7 @@ def test_lab_strict_policy_with_real_logins(tmp_path: Path) -> None:
     policy = tmp_path / "strict.toml"
     policy.write_text(STRICT)
 
-    result = subprocess.run(
-        [str(USERBOUND), "lab", "--real-logind", "--json", "--policy", str(policy)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = real_lab("--json", "--policy", str(policy))
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -360,13 +359,7 @@ time.sleep(600)
 
 
 def test_lab_rejected_while_the_chroot_is_used(logind: RealLogind) -> None:
-    result = subprocess.run(
-        [str(USERBOUND), "lab", "--real-logind"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = real_lab()
 
     assert result.returncode == EXIT_LAB_BROKEN
     assert f"in use by pid {os.getpid()}" in result.stderr

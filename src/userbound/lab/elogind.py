@@ -465,16 +465,7 @@ class RealLogind:
         """Start a program of the chroot in a namespace, with a clean environment."""
         with open(self.folder / f"{log}.log", "ab") as output:
             process = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    namespace or self.namespace,
-                    "chroot",
-                    str(self.chroot),
-                    *_clean_env(SYSTEMD_LOG_TARGET="console"),
-                    *argv,
-                ],
+                self._command(argv, namespace, SYSTEMD_LOG_TARGET="console"),
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -482,18 +473,14 @@ class RealLogind:
         self._processes.append(process)
         return process
 
+    def _command(self, argv: tuple[str, ...], namespace: str, **env: str) -> list[str]:
+        """Return the command that runs a program of the chroot in a namespace (ours by default)."""
+        where = namespace or self.namespace
+        return ["ip", "netns", "exec", where, "chroot", str(self.chroot), *_clean_env(**env), *argv]
+
     def _in_namespace(self, *argv: str, namespace: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                namespace or self.namespace,
-                "chroot",
-                str(self.chroot),
-                *_clean_env(),
-                *argv,
-            ],
+            self._command(argv, namespace),
             capture_output=True,
             text=True,
             timeout=30,
@@ -669,19 +656,9 @@ class RealLogind:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in a new ssh login of a user; the session ends with the command."""
         return subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ssh_from,
-                "chroot",
-                str(self.chroot),
-                *_clean_env(),
-                "ssh",
-                *SSH_OPTIONS,
-                f"{user}@{self.ssh_listen}",
-                command,
-            ],
+            self._command(
+                ("ssh", *SSH_OPTIONS, f"{user}@{self.ssh_listen}", command), self.ssh_from
+            ),
             capture_output=True,
             text=True,
             timeout=timeout,
