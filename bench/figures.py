@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from userbound.lab.testbed import USERBOUND, Testbed
@@ -64,3 +65,10 @@ def follow_decisions(bed: Testbed) -> Callable[[], dict[str, Any]]:
                 return event
 
     return next_decision
+
+
+def write(figures: dict[str, Any], output: Path) -> None:
+    """Write the figures as JSON to the results file and print its path."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"written to {output}")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import follow_decisions, header, summary
+from figures import follow_decisions, header, summary, write
 
 from userbound.lab.logind import (
     SEAT,
@@ -159,9 +159,7 @@ def main() -> int:
             asyncio.run(two_users(bus))
             figures["switch_to_commit"] = run_switches(bus, bed, arguments.switches)
     print(json.dumps(figures["switch_to_commit"], indent=2), flush=True)
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written to {arguments.output}")
+    write(figures, arguments.output)
     return 0
 
 

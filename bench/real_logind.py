@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import follow_decisions, header, summary
+from figures import follow_decisions, header, summary, write
 
 from userbound.lab.elogind import (
     RealLogind,
@@ -90,9 +90,7 @@ def main() -> int:
     with Testbed("ubb") as bed, RealLogind(bed.host, bed.directory / "elogind") as logind:
         figures["elogind"] = run_switches(bed, logind, arguments.switches)
     print(json.dumps(figures["elogind"], indent=2), flush=True)
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written to {arguments.output}")
+    write(figures, arguments.output)
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from figures import header, summary
+from figures import header, summary, write
 
 from userbound.lab.logind import (
     SEAT,
@@ -211,9 +211,7 @@ def main() -> int:
                 figures["many_sessions"] = many_sessions(bus, bed, arguments.sessions)
                 print(json.dumps(figures["many_sessions"]), flush=True)
 
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written to {arguments.output}")
+    write(figures, arguments.output)
     return 0
 
 

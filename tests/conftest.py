@@ -18,12 +18,19 @@ from typing import Any
 import pytest
 
 from userbound.lab.logind import LogindPuppet, PrivateBus, SimulatedLogind
-from userbound.lab.testbed import Testbed, remove_leftovers, run
+from userbound.lab.testbed import USERBOUND, Testbed, remove_leftovers, run
 
 ALICE = 2001
 BOB = 2002
 CAROL = 2003
 PREFIX = "ubt"
+
+
+def run_lab(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `userbound lab` with options, as a user does, and capture its output."""
+    return subprocess.run(
+        [str(USERBOUND), "lab", *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def _missing_prerequisites() -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conftest import run_lab
 from userbound.errors import EXIT_FAILED, EXIT_NOT_PERMITTED, EXIT_USAGE
 from userbound.lab import PREFIX
 from userbound.lab.testbed import USERBOUND, remove_leftovers, run
@@ -32,12 +33,6 @@ STEPS = [
     "ssh",
     "logout",
 ]
-
-
-def lab(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(USERBOUND), "lab", *argv], capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
 def leftovers() -> list[str]:
@@ -67,7 +62,7 @@ def by_step(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_lab_with_userbound(tmp_path: Path) -> None:
     plot = tmp_path / "lab.svg"
 
-    result = lab("--json", "--plot", str(plot))
+    result = run_lab("--json", "--plot", str(plot))
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -113,7 +108,7 @@ def test_lab_with_userbound(tmp_path: Path) -> None:
 
 
 def test_lab_without_userbound_shows_the_problem() -> None:
-    result = lab("--json", "--without-userbound")
+    result = run_lab("--json", "--without-userbound")
 
     assert result.returncode == EXIT_FAILED, result.stderr
     report = json.loads(result.stdout)
@@ -140,7 +135,7 @@ def test_lab_under_another_policy(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('on_switch_away = "disconnect"\non_lock = "suspend"\nkill_switch = false\n')
 
-    result = lab("--json", "--policy", str(policy))
+    result = run_lab("--json", "--policy", str(policy))
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -183,7 +178,7 @@ def test_killed_lab_cleaned_up_by_the_next_run() -> None:
     left = [n for n in run("ip", "netns", "list").split() if f"-{process.pid}-" in n]
     assert len(left) == 4
 
-    result = lab("--json")
+    result = run_lab("--json")
 
     assert result.returncode == 0, result.stderr
     assert re.search(r"removed \d+ namespaces of an earlier run", result.stderr)
@@ -242,7 +237,7 @@ def test_kept_lab_reports_the_story() -> None:
 def test_bad_options_change_nothing(argv: list[str], message: str) -> None:
     namespaces = run("ip", "netns", "list")
 
-    result = lab(*argv)
+    result = run_lab(*argv)
 
     assert result.returncode == EXIT_USAGE
     assert message in result.stderr
@@ -253,7 +248,7 @@ def test_bad_policy_value_named(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('on_lock = "pause"\n')
 
-    result = lab("--policy", str(policy))
+    result = run_lab("--policy", str(policy))
 
     assert result.returncode == EXIT_USAGE
     assert "on_lock" in result.stderr

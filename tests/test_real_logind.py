@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from conftest import run_lab
 from userbound.errors import EXIT_LAB_BROKEN
 from userbound.lab.elogind import (
     CHROOT,
@@ -63,17 +64,6 @@ def logind(bed: Testbed, chroot: Path) -> Iterator[RealLogind]:
         bed.host, bed.directory / "elogind", chroot=chroot, ssh_listen=SSH_SERVER, ssh_from=bed.wan
     ) as real:
         yield real
-
-
-def real_lab(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run `userbound lab --real-logind` with more options."""
-    return subprocess.run(
-        [str(USERBOUND), "lab", "--real-logind", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def cgroups() -> set[str]:
@@ -158,9 +148,9 @@ def test_sessions_read_from_real_logins(bed: Testbed, logind: RealLogind) -> Non
     # A restarted elogind finds the same sessions, with their ids, seats and remote hosts,
     logind.restart_elogind()
     again = by_id(sessions(logind.address, bed.host))
-    kept = ("uid", "seat", "vt", "active", "remote_host", "state")
-    assert {k: subset(v, kept) for k, v in again.items()} == {
-        k: subset(v, kept) for k, v in seen.items()
+    fields = ("uid", "seat", "vt", "active", "remote_host", "state")
+    assert {k: subset(v, fields) for k, v in again.items()} == {
+        k: subset(v, fields) for k, v in seen.items()
     }
     # but not the lock hint: elogind 246 does not save it.
     assert again[alice.id]["locked"] is False
@@ -188,8 +178,8 @@ class Follow:
         for line in self.process.stdout:
             self.lines.put(line)
 
-    def until(self, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """Read events until one is wanted, for up to 10 s; return it."""
+    def until(self, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Read events until one matches, for up to 10 s; return it."""
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -198,7 +188,7 @@ class Follow:
                 raise AssertionError(f"no such event within 10 s; seen: {self.events}") from None
             event: dict[str, Any] = json.loads(line)
             self.events.append(event)
-            if wanted(event):
+            if match(event):
                 return event
 
     def close(self) -> None:
@@ -263,7 +253,7 @@ def test_lab_story_with_real_logins(tmp_path: Path) -> None:
     before, front_vt = cgroups(), active_vt()
     plot = tmp_path / "lab.svg"
 
-    result = real_lab("--json", "--plot", str(plot))
+    result = run_lab("--real-logind", "--json", "--plot", str(plot), timeout=300)
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -290,7 +280,7 @@ def test_lab_strict_policy_with_real_logins(tmp_path: Path) -> None:
     policy = tmp_path / "strict.toml"
     policy.write_text(STRICT)
 
-    result = real_lab("--json", "--policy", str(policy))
+    result = run_lab("--real-logind", "--json", "--policy", str(policy), timeout=300)
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -359,7 +349,7 @@ time.sleep(600)
 
 
 def test_lab_rejected_while_the_chroot_is_used(logind: RealLogind) -> None:
-    result = real_lab()
+    result = run_lab("--real-logind", timeout=300)
 
     assert result.returncode == EXIT_LAB_BROKEN
     assert f"in use by pid {os.getpid()}" in result.stderr
@@ -374,9 +364,16 @@ def test_removed_when_a_step_fails(bed: Testbed, chroot: Path) -> None:
         with RealLogind(bed.host, bed.directory / "failing", chroot=chroot) as real:
             real.login("alice", 5)
             real.switch(5)
-            real.login("bob", 5)  # VT5 is alice's: openvt refuses
+            real.login("bob", 5)  # VT5 is alice's, so openvt fails
 
     assert_removed(chroot, front_vt, before)
+
+
+def test_login_of_unknown_account_rejected(logind: RealLogind) -> None:
+    with pytest.raises(ValueError, match="no account 'carol' in the chroot; use one of alice, bob"):
+        logind.login("carol", 7)
+
+    assert logind.sessions() == []
 
 
 def test_unavailable_names_the_missing_part(tmp_path: Path) -> None:

@@ -33,10 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
-
-from userbound.lab.logind import session_path
+from userbound.lab.logind import call_once, name_has_owner, session_path
 
 CHROOT = Path("/var/cache/userbound/elogind-bookworm")
 SUITE = "bookworm"
@@ -54,7 +51,7 @@ PACKAGES = (
 ACCOUNTS = {"alice": 2001, "bob": 2002}
 # bob's ssh key, inside the chroot; root uses it to log bob in remotely.
 SSH_KEY = "/root/.ssh/lab_bob"
-# Written last when a chroot is built: a folder without it is rebuilt.
+# The marker file a build writes last. A folder without it is built again.
 READY = "userbound-testbed"
 LOGIN1 = "org.freedesktop.login1"
 ROOT = "/org/freedesktop/login1"
@@ -276,7 +273,7 @@ def check_free(chroot: Path = CHROOT) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(chroot: Path, what: str) -> Any:
+def _exclusive(chroot: Path, purpose: str) -> Any:
     """Hold the chroot's lock: one test bed, or one build, at a time on this machine."""
     lock = chroot.with_name(f"{chroot.name}.lock")
     with open(lock, "a+") as file:
@@ -290,7 +287,7 @@ def _exclusive(chroot: Path, what: str) -> Any:
                 "real logins run one test bed at a time, wait until it ends"
             ) from None
         file.truncate(0)
-        file.write(f"pid {os.getpid()} ({what})\n")
+        file.write(f"pid {os.getpid()} ({purpose})\n")
         file.flush()
         try:
             yield
@@ -328,10 +325,10 @@ class RealLogind:
         ssh_listen: str = "",
         ssh_from: str = "",
     ) -> None:
-        """namespace: where everything runs; folder: for logs.
+        """namespace: where everything runs. folder: where the logs go.
 
-        ssh_listen: the namespace's address sshd listens on, none without it;
-        ssh_from: the namespace ssh logins come from.
+        ssh_listen: the namespace's address for sshd, which does not run without it.
+        ssh_from: the namespace that ssh logins come from (namespace by default).
         """
         self.namespace = namespace
         self.folder = folder
@@ -449,8 +446,8 @@ class RealLogind:
         folder = self.chroot / "sys/fs/cgroup"
         if not mounts_under(folder):
             return
-        made = {name for name in set(self._cgroups()) - before if _session_cgroup(name)}
-        for name in made:
+        created = {name for name in set(self._cgroups()) - before if _session_cgroup(name)}
+        for name in created:
             deadline = time.monotonic() + TIMEOUT
             while True:
                 try:
@@ -499,10 +496,12 @@ class RealLogind:
     # elogind
 
     def start_elogind(self) -> None:
-        """Start elogind and wait until it owns its bus name (never through loginctl,
-        which would ask the bus to activate another one)."""
+        """Start elogind and wait until it owns its bus name.
+
+        The wait asks the bus with NameHasOwner: loginctl could make it activate another elogind.
+        """
         if self._elogind is not None and self._elogind.poll() is None:
-            raise RuntimeError("elogind already runs")
+            raise RuntimeError("elogind is already running; call stop_elogind() first")
         self._elogind = self._spawn("elogind", "/lib/elogind/elogind")
         _wait_for(self._owned, "elogind taking org.freedesktop.login1")
 
@@ -522,17 +521,8 @@ class RealLogind:
 
     def _owned(self) -> bool:
         if self._elogind is not None and self._elogind.poll() is not None:
-            raise RuntimeError(f"elogind exited: {self.log('elogind')[-2000:]}")
-        return bool(
-            self.call(
-                "org.freedesktop.DBus",
-                "/org/freedesktop/DBus",
-                "org.freedesktop.DBus",
-                "NameHasOwner",
-                "s",
-                [LOGIN1],
-            )[0]
-        )
+            raise RuntimeError(f"elogind exited; its log ends: {self.log('elogind')[-2000:]}")
+        return asyncio.run(name_has_owner(self.address, LOGIN1))
 
     def log(self, name: str) -> str:
         path = self.folder / f"{name}.log"
@@ -551,7 +541,7 @@ class RealLogind:
     ) -> list[Any]:
         """Call a method on the chroot's system bus as root; return the reply's body."""
         return asyncio.run(
-            _call(self.address, destination, path, interface, member, signature, body or [])
+            call_once(self.address, destination, path, interface, member, signature, body or ())
         )
 
     def sessions(self) -> list[Session]:
@@ -580,19 +570,20 @@ class RealLogind:
             )
         return found
 
-    def wait_for_session(self, match: Callable[[Session], bool], what: str) -> Session:
+    def wait_for_session(self, match: Callable[[Session], bool], description: str) -> Session:
+        """Wait until a session matches, for up to 10 s; return it."""
         found: list[Session] = []
 
         def seen() -> bool:
             found[:] = [s for s in self.sessions() if match(s)]
             return bool(found)
 
-        _wait_for(seen, what)
+        _wait_for(seen, description)
         return found[0]
 
     def login(self, user: str, vt: int) -> Session:
         """Log a user in on a virtual terminal with PAM, as a getty would; return the session."""
-        uid = ACCOUNTS[user]
+        uid = _account(user)
         result = self._in_namespace("openvt", "-c", str(vt), "--", "login", "-f", user)
         if result.returncode != 0:
             raise RuntimeError(f"openvt -c {vt} login -f {user}: {result.stderr.strip()}")
@@ -636,7 +627,7 @@ class RealLogind:
         """Log a user in over ssh from ssh_from and keep the session open; return it."""
         if not self.ssh_listen:
             raise RuntimeError("this test bed runs no sshd (ssh_listen is empty)")
-        uid = ACCOUNTS[user]
+        uid = _account(user)
         before = {s.id for s in self.sessions()}
         self._spawn(
             f"ssh-{user}",
@@ -675,6 +666,13 @@ class RealLogind:
         )
 
 
+def _account(user: str) -> int:
+    """Return the uid of an account in the chroot; raise ValueError naming the accounts."""
+    if user not in ACCOUNTS:
+        raise ValueError(f"no account {user!r} in the chroot; use one of {', '.join(ACCOUNTS)}")
+    return ACCOUNTS[user]
+
+
 def _session_cgroup(name: str) -> bool:
     """Return whether a cgroup's name is one elogind gives a session: its id, such as 3 or c2."""
     return name.removeprefix("c").isdigit()
@@ -687,40 +685,9 @@ def _remove_cgroup(folder: Path) -> None:
     folder.rmdir()
 
 
-async def _call(
-    address: str,
-    destination: str,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str,
-    body: list[Any],
-) -> list[Any]:
-    bus = await MessageBus(bus_address=address).connect()
-    try:
-        reply = await asyncio.wait_for(
-            bus.call(
-                Message(
-                    destination=destination,
-                    path=path,
-                    interface=interface,
-                    member=member,
-                    signature=signature,
-                    body=body,
-                )
-            ),
-            TIMEOUT,
-        )
-    finally:
-        bus.disconnect()
-    if reply.message_type is MessageType.ERROR:
-        raise RuntimeError(f"{member} on {path}: {reply.error_name}: {reply.body}")
-    return list(reply.body)
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+def _wait_for(condition: Callable[[], bool], description: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not happen within {timeout:.0f} s")
+            raise RuntimeError(f"{description} did not happen within {timeout:.0f} s")
         time.sleep(0.01)

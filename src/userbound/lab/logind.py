@@ -31,6 +31,7 @@ SESSION = "org.freedesktop.login1.Session"
 SEAT = "org.freedesktop.login1.Seat"
 MOCK = "org.freedesktop.DBus.Mock"
 TEMPLATE = Path(__file__).with_name("logind_template.py")
+CALL_TIMEOUT = 10.0  # seconds for each call of call_once()
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -166,7 +167,7 @@ class SimulatedLogind:
                 f"the simulated logind exited ({self._process.returncode}): "
                 + self.log.read_text()[-2000:]
             )
-        return asyncio.run(_name_has_owner(self.bus.address, LOGIN1))
+        return asyncio.run(name_has_owner(self.bus.address, LOGIN1))
 
     def restart(self) -> None:
         """Stop it and start it again with the sessions it had, as logind finds them again."""
@@ -192,22 +193,42 @@ class SimulatedLogind:
         self.stop()
 
 
-async def _name_has_owner(address: str, name: str) -> bool:
+async def call_once(
+    address: str,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: Sequence[Any] = (),
+) -> list[Any]:
+    """Connect to a bus, call one method and disconnect; return the reply's body.
+
+    An error reply raises RuntimeError with its name and text, and no reply
+    within CALL_TIMEOUT raises TimeoutError.
+    """
     bus = await MessageBus(bus_address=address).connect()
     try:
-        reply = await bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[name],
-            )
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=list(body),
         )
-        return bool(reply.body[0])
+        reply = await asyncio.wait_for(bus.call(message), CALL_TIMEOUT)
     finally:
         bus.disconnect()
+    if reply.message_type is MessageType.ERROR:
+        raise RuntimeError(f"{member} on {path}: {reply.error_name}: {reply.body}")
+    return list(reply.body)
+
+
+async def name_has_owner(address: str, name: str) -> bool:
+    bus = "org.freedesktop.DBus"
+    reply = await call_once(address, bus, "/org/freedesktop/DBus", bus, "NameHasOwner", "s", [name])
+    return bool(reply[0])
 
 
 # The session properties a restarted simulated logind takes over.  Not

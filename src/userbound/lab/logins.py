@@ -28,7 +28,7 @@ SSH_SERVER = "10.200.1.2"
 
 
 class Logins(Protocol):
-    """The story's session steps, on some logind."""
+    """The interface that acts the story's session steps on a logind."""
 
     kind: str
     address: str

@@ -123,8 +123,8 @@ class LogindMonitor(Monitor):
         self._watch: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_PENDING_CALLS)
         # Sessions that were locked when logind left the bus.  elogind does
-        # not save LockedHint, so once restarted it calls them unlocked; they
-        # stay locked here until logind signals their lock state again.
+        # not save LockedHint, so once restarted it reports them unlocked.
+        # They stay locked here until logind signals their lock state again.
         self._held_locks: set[tuple[str, int | None, int]] = set()
         # Session ids by object path, from the last read, to match signals.
         self._ids: dict[str, str] = {}
